@@ -1,0 +1,197 @@
+"""The alam_dist codec: encode a tensor to a few bits per element and back.
+
+    >>> import torch
+    >>> from alam_dist import codec
+    >>> x = torch.randn(4096, dtype=torch.bfloat16)
+    >>> p = codec.encode(x, bits=0.5, seed=7)          # average quantization
+    >>> round(p.bits_per_element, 3)
+    0.625
+    >>> y = codec.decode(p)
+    >>> y.shape, y.dtype
+    (torch.Size([4096]), torch.bfloat16)
+
+``bits``: 0.5 (average quantization: means of 4 values at 2 bits; the seed's alias
+``1`` is accepted), 2, 4, 8 (stochastic group quantization, groups of 128), 16 (kept
+in 16 bits: bfloat16 for fp32 inputs), 32 (kept as is). bool and uint8 0/1 masks are
+bit-packed losslessly whatever ``bits`` says. Format details: docs/codec.md.
+
+``backend``: "reference" (pure torch, the ground truth), "cpp" (CPU kernels), "cuda"
+(CUDA kernels) or "auto" (the fastest built one for the tensor's device). All backends
+give bit-identical results for the same seed.
+"""
+from __future__ import annotations
+
+import torch
+
+from alam_dist import _native
+from alam_dist.codec import reference
+from alam_dist.codec.packed import PackedTensor
+
+__all__ = ["ALLOWED_BITS", "PackedTensor", "available_backends", "decode", "encode"]
+
+ALLOWED_BITS = (0.5, 2, 4, 8, 16, 32)
+"""Valid ``bits`` values (plus ``1``, the seed code's alias for 0.5)."""
+
+BACKENDS = ("auto", "reference", "cpp", "cuda")
+_QUANT_FORMATS = {0.5: "aq", 2: "q2", 4: "q4", 8: "q8"}
+_KERNEL_BITS = {"aq": 0, "q2": 2, "q4": 4, "q8": 8}
+_FLOAT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_MASK_DTYPES = (torch.bool, torch.uint8)
+
+
+def normalize_bits(bits: float) -> float:
+    """Validate ``bits`` and map the seed's alias 1 to 0.5."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)):
+        raise ValueError(f"bits must be a number in {ALLOWED_BITS}, got {bits!r}")
+    if bits == 1:
+        return 0.5
+    if bits not in ALLOWED_BITS:
+        raise ValueError(f"bits={bits!r} is not a supported format; allowed values are "
+                         f"{ALLOWED_BITS} (1 is accepted as an alias of 0.5)")
+    return float(bits) if bits == 0.5 else int(bits)
+
+
+def available_backends() -> dict[str, bool]:
+    """Which backends this installation can run (CUDA also needs a visible device)."""
+    return {
+        "reference": True,
+        "cpp": _native.cpu is not None,
+        "cuda": _native.cuda is not None and torch.cuda.is_available(),
+    }
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        if device.type == "cuda" and _native.cuda is not None:
+            return "cuda"
+        if device.type == "cpu" and _native.cpu is not None:
+            return "cpp"
+        return "reference"
+    if backend == "cpp":
+        if _native.cpu is None:
+            raise RuntimeError("backend='cpp' requested but alam_dist's C++ kernels are not "
+                               f"built ({_native.cpu_error}); reinstall with `pip install -e .` "
+                               "without ALAM_NO_NATIVE, or use backend='reference'")
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpp' runs on CPU tensors; this one is on {device}")
+    if backend == "cuda":
+        if _native.cuda is None:
+            raise RuntimeError("backend='cuda' requested but alam_dist was installed without "
+                               f"CUDA kernels ({_native.cuda_error}); reinstall where nvcc is "
+                               "found (set CUDA_HOME), or use backend='reference'")
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' runs on CUDA tensors; this one is on {device}")
+    return backend
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _is_mask(x: torch.Tensor) -> bool:
+    if x.dtype == torch.bool:
+        return True
+    # A uint8 tensor is packed only when it is a 0/1 mask; anything else is kept raw.
+    return x.dtype == torch.uint8 and (x.numel() == 0 or int(x.max()) <= 1)
+
+
+def encode(x: torch.Tensor, bits: float, *, seed: int = 0, backend: str = "auto") -> PackedTensor:
+    """Encode ``x`` in the format ``bits`` (see the module docstring).
+
+    ``seed`` (any int, taken mod 2**64) fixes the stochastic rounding: the same seed gives
+    the same bytes on every backend, rank and run. Raises ``ValueError`` for bits outside
+    the ladder, unsupported dtypes and backends that cannot run on ``x``'s device.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"encode expects a torch.Tensor, got {type(x).__name__}")
+    fmt_bits = normalize_bits(bits)
+    seed = int(seed) & ((1 << 64) - 1)
+    shape, dtype, device = x.shape, x.dtype, x.device
+    if x.dtype in _MASK_DTYPES:
+        if not _is_mask(x):
+            return PackedTensor("raw", shape, dtype, device, x)
+        return _encode_mask(x, shape, dtype, device, backend)
+    if x.dtype not in _FLOAT_CODES:
+        if fmt_bits == 32:
+            return PackedTensor("raw", shape, dtype, device, x)
+        raise ValueError(f"cannot encode dtype {x.dtype} at bits={bits}: the quantized formats "
+                         "take float32, bfloat16 or float16 (and bool/uint8 masks); "
+                         "use bits=32 to keep it as is")
+    if fmt_bits == 32 or (fmt_bits == 16 and x.dtype != torch.float32):
+        return PackedTensor("raw", shape, dtype, device, x)
+    if fmt_bits == 16:
+        return PackedTensor("bf16", shape, dtype, device, x.to(torch.bfloat16))
+    fmt = _QUANT_FORMATS[fmt_bits]
+    kbits = _KERNEL_BITS[fmt]
+    flat = x.detach().reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    n = flat.numel()
+    resolved = _resolve_backend(backend, device)
+    if resolved == "reference":
+        payload, meta = reference.quantize(flat, kbits, seed)
+    else:
+        payload = torch.empty(reference.payload_bytes(n, kbits), dtype=torch.uint8, device=device)
+        meta = torch.empty(reference.num_groups(n, kbits), 2, dtype=torch.float32, device=device)
+        args = (flat.data_ptr(), _FLOAT_CODES[dtype], n, kbits, seed, payload.data_ptr(),
+                meta.data_ptr())
+        if resolved == "cpp":
+            _native.cpu.quantize(*args)
+        else:
+            _native.cuda.quantize(*args, _stream(device))
+    return PackedTensor(fmt, shape, dtype, device, payload, meta)
+
+
+def _encode_mask(x, shape, dtype, device, backend) -> PackedTensor:
+    flat = x.detach().reshape(-1).contiguous()
+    resolved = _resolve_backend(backend, device)
+    if resolved == "reference":
+        payload = reference.pack_mask(flat)
+    else:
+        n = flat.numel()
+        payload = torch.empty((n + 7) // 8, dtype=torch.uint8, device=device)
+        src = flat.view(torch.uint8)  # bool is one byte holding 0 or 1
+        if resolved == "cpp":
+            _native.cpu.pack_mask(src.data_ptr(), n, payload.data_ptr())
+        else:
+            _native.cuda.pack_mask(src.data_ptr(), n, payload.data_ptr(), _stream(device))
+    return PackedTensor("mask", shape, dtype, device, payload)
+
+
+def decode(packed: PackedTensor, *, backend: str = "auto") -> torch.Tensor:
+    """Rebuild a tensor of ``packed``'s shape, dtype and device (contiguous)."""
+    if not isinstance(packed, PackedTensor):
+        raise TypeError(f"decode expects a PackedTensor, got {type(packed).__name__}")
+    fmt, n = packed.format, packed.numel
+    if fmt == "raw":
+        return packed.data
+    if fmt == "bf16":
+        return packed.data.to(packed.dtype)
+    resolved = _resolve_backend(backend, packed.device)
+    if fmt == "mask":
+        if resolved == "reference":
+            out = reference.unpack_mask(packed.data, n)
+        else:
+            out = torch.empty(n, dtype=torch.uint8, device=packed.device)
+            if resolved == "cpp":
+                _native.cpu.unpack_mask(packed.data.data_ptr(), n, out.data_ptr())
+            else:
+                _native.cuda.unpack_mask(packed.data.data_ptr(), n, out.data_ptr(),
+                                         _stream(packed.device))
+        if packed.dtype == torch.bool:
+            out = out.view(torch.bool)
+        return out.view(packed.shape)
+    kbits = _KERNEL_BITS[fmt]
+    if resolved == "reference":
+        out = reference.dequantize(packed.data, packed.meta, n, kbits, packed.dtype)
+    else:
+        out = torch.empty(n, dtype=packed.dtype, device=packed.device)
+        args = (packed.data.data_ptr(), packed.meta.data_ptr(), n, kbits,
+                _FLOAT_CODES[packed.dtype], out.data_ptr())
+        if resolved == "cpp":
+            _native.cpu.dequantize(*args)
+        else:
+            _native.cuda.dequantize(*args, _stream(packed.device))
+    return out.view(packed.shape)

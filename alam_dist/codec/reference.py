@@ -1,0 +1,160 @@
+"""Pure-torch reference of the codec: the ground truth the kernels are tested against.
+
+It follows csrc/common/alam_codec.h operation for operation (fp32 arithmetic, same
+order, no fused multiply-add), so its output is bit-identical to the C++ and CUDA
+kernels. It runs on any device torch supports and is slow: int64 temporaries per element.
+
+Formats (``bits`` is the kernel code: 2, 4, 8, or 0 for average quantization):
+  * values are split into groups of ``GROUP`` = 128; each group stores fp32 ``min`` and
+    ``scale = (max - min) / (2**b - 1)`` in ``meta[g] = (min, scale)``;
+  * each value is stored as ``clamp(floor((x - min) / scale + u), 0, 2**b - 1)`` with
+    ``u`` from :func:`hash_uniform` (stochastic rounding, unbiased), bit-packed with
+    value ``i`` at bit ``(i % (8 // b)) * b`` of byte ``i // (8 // b)``;
+  * average quantization first replaces every ``AQ_AVG`` = 4 consecutive values by their
+    mean (the tail by its own mean) and quantizes the means with 2 bits;
+  * a constant group has scale 0 and decodes exactly; a group with NaN/inf stores NaN
+    metadata and decodes to NaN as a whole.
+"""
+from __future__ import annotations
+
+import torch
+
+GROUP = 128
+AQ_AVG = 4
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for 0 <= x < 2**32 in int64 without signed overflow."""
+    c_lo, c_hi = c & 0xFFFF, c >> 16
+    return (x * c_lo + (((x * c_hi) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def _fmix32_int(x: int) -> int:
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & _M32
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+def seed_keys(seed: int) -> tuple[int, int]:
+    seed &= (1 << 64) - 1
+    k0 = _fmix32_int(((seed & _M32) + 0x9E3779B9) & _M32)
+    k1 = _fmix32_int((seed >> 32) ^ 0x7F4A7C15)
+    return k0, k1
+
+
+def hash_uniform(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """Counter-based uniform noise in [0, 1): a pure function of (seed, element index)."""
+    k0, k1 = seed_keys(seed)
+    index = index.to(torch.int64)
+    lo, hi = index & _M32, index >> 32
+    h = _fmix32((_fmix32(lo ^ k0) + (hi ^ k1)) & _M32)
+    return (h >> 8).to(torch.float32) * (1.0 / 16777216.0)
+
+
+def num_values(n: int, bits: int) -> int:
+    return -(-n // AQ_AVG) if bits == 0 else n
+
+
+def num_groups(n: int, bits: int) -> int:
+    return -(-num_values(n, bits) // GROUP)
+
+
+def payload_bytes(n: int, bits: int) -> int:
+    return -(-num_values(n, bits) * (bits or 2) // 8)
+
+
+def average(x: torch.Tensor) -> torch.Tensor:
+    """Means of AQ_AVG consecutive values of flat ``x``, in fp32, summed left to right."""
+    x = x.to(torch.float32)
+    n = x.numel()
+    full = n // AQ_AVG * AQ_AVG
+    f = x[:full].view(-1, AQ_AVG)
+    s = f[:, 0]
+    for k in range(1, AQ_AVG):
+        s = s + f[:, k]
+    means = s / AQ_AVG
+    if full < n:
+        t = x[full]
+        for k in range(full + 1, n):
+            t = t + x[k]
+        means = torch.cat([means, (t / (n - full)).reshape(1)])
+    return means
+
+
+def quantize(x: torch.Tensor, bits: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat float tensor -> (uint8 payload, fp32 meta of shape [groups, 2])."""
+    v = average(x) if bits == 0 else x.to(torch.float32)
+    b = bits or 2
+    levels = (1 << b) - 1
+    m = v.numel()
+    ng = -(-m // GROUP)
+    if m == 0:
+        return (torch.empty(0, dtype=torch.uint8, device=x.device),
+                torch.empty(0, 2, dtype=torch.float32, device=x.device))
+    # Pad with the last value: it changes neither a group's min/max nor its finiteness.
+    pad = ng * GROUP - m
+    vg = torch.cat([v, v[-1:].expand(pad)]).view(ng, GROUP)
+    finite = torch.isfinite(vg).all(dim=1)
+    mn = vg.amin(dim=1)
+    mx = vg.amax(dim=1)
+    scale = (mx - mn) / levels
+    bad = ~finite | ~torch.isfinite(scale)
+    div = torch.where(scale == 0, torch.ones_like(scale), scale)
+    u = hash_uniform(seed, torch.arange(ng * GROUP, device=x.device)).view(ng, GROUP)
+    q = torch.floor((vg - mn[:, None]) / div[:, None] + u)
+    q = torch.clamp(q, 0, levels)
+    q = torch.where(bad[:, None], torch.zeros_like(q), q)
+    q = q.reshape(-1)[:m].to(torch.int32)
+    per_byte = 8 // b
+    q = torch.cat([q, q.new_zeros(-m % per_byte)]).view(-1, per_byte)
+    shifts = torch.arange(per_byte, device=x.device, dtype=torch.int32) * b
+    payload = (q << shifts).sum(dim=1).to(torch.uint8)
+    nan = torch.full_like(mn, float("nan"))
+    meta = torch.stack([torch.where(bad, nan, mn), torch.where(bad, nan, scale)], dim=1)
+    return payload, meta
+
+
+def dequantize(payload: torch.Tensor, meta: torch.Tensor, n: int, bits: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`quantize`: a flat tensor of ``n`` values of ``dtype``."""
+    b = bits or 2
+    m = num_values(n, bits)
+    if m == 0:
+        return torch.empty(0, dtype=dtype, device=payload.device)
+    per_byte = 8 // b
+    shifts = torch.arange(per_byte, device=payload.device, dtype=torch.int32) * b
+    q = (payload.to(torch.int32)[:, None] >> shifts) & ((1 << b) - 1)
+    ng = meta.shape[0]
+    q = q.reshape(-1)
+    q = torch.cat([q, q.new_zeros(ng * GROUP - q.numel())])[: ng * GROUP].view(ng, GROUP)
+    y = q.to(torch.float32) * meta[:, 1:2] + meta[:, 0:1]
+    y = y.reshape(-1)[:m]
+    if bits == 0:
+        y = y.repeat_interleave(AQ_AVG)[:n]
+    return y.to(dtype)
+
+
+def pack_mask(x: torch.Tensor) -> torch.Tensor:
+    """Flat bool/uint8 mask -> 1 bit per value (value i at bit i % 8 of byte i // 8)."""
+    bits = (x.reshape(-1) != 0).to(torch.int32)
+    bits = torch.cat([bits, bits.new_zeros(-bits.numel() % 8)]).view(-1, 8)
+    shifts = torch.arange(8, device=x.device, dtype=torch.int32)
+    return (bits << shifts).sum(dim=1).to(torch.uint8)
+
+
+def unpack_mask(payload: torch.Tensor, n: int) -> torch.Tensor:
+    shifts = torch.arange(8, device=payload.device, dtype=torch.int32)
+    bits = (payload.to(torch.int32)[:, None] >> shifts) & 1
+    return bits.reshape(-1)[:n].to(torch.uint8)

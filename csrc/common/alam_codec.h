@@ -1,0 +1,103 @@
+// alam_dist native codec: the formats of docs/codec.md as a plain C ABI.
+//
+// No torch headers on purpose: the library takes raw pointers, element counts and
+// (for CUDA) a stream, so one build works with any torch version and pip's build
+// isolation never has to install torch.
+//
+// Every backend (alam_dist/codec/reference.py, csrc/cpu, csrc/cuda) must produce
+// bit-identical output for the same input and seed. The rules that make that possible:
+//   * all arithmetic in fp32, in the order written here, without FMA contraction;
+//   * stochastic rounding noise from alam_hash_uniform(), a pure function of
+//     (seed, element index) -- never from a stateful generator.
+#pragma once
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define ALAM_HD __host__ __device__ __forceinline__
+#else
+#define ALAM_HD static inline
+#endif
+
+enum AlamDType { ALAM_F32 = 0, ALAM_BF16 = 1, ALAM_F16 = 2 };
+
+// Values per quantization group (each group stores fp32 min and scale).
+#define ALAM_GROUP 128
+// Values averaged together by average quantization (the "0.5 bit" format).
+#define ALAM_AQ_AVG 4
+
+// murmur3's 32-bit finaliser: a bijection with full avalanche.
+ALAM_HD uint32_t alam_fmix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85EBCA6Bu;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35u;
+  x ^= x >> 16;
+  return x;
+}
+
+// Per-call keys derived once from the 64-bit seed.
+ALAM_HD void alam_seed_keys(uint64_t seed, uint32_t* k0, uint32_t* k1) {
+  *k0 = alam_fmix32((uint32_t)(seed & 0xFFFFFFFFu) + 0x9E3779B9u);
+  *k1 = alam_fmix32((uint32_t)(seed >> 32) ^ 0x7F4A7C15u);
+}
+
+// Uniform noise in [0, 1) with 24 random bits (exact in fp32) for element `index`,
+// split as (hi_key = (index >> 32) ^ k1, lo = index & 0xFFFFFFFF). Kernels hoist
+// hi_key out of a group (groups are 128-aligned, so it is constant inside one) and keep
+// the per-element work in 32-bit lanes.
+ALAM_HD float alam_hash_uniform_lo(uint32_t k0, uint32_t hi_key, uint32_t lo) {
+  uint32_t h = alam_fmix32(alam_fmix32(lo ^ k0) + hi_key);
+  return (float)(int32_t)(h >> 8) * (1.0f / 16777216.0f);  // signed: SIMD-convertible
+}
+
+ALAM_HD float alam_hash_uniform(uint32_t k0, uint32_t k1, uint64_t index) {
+  return alam_hash_uniform_lo(k0, (uint32_t)(index >> 32) ^ k1, (uint32_t)(index & 0xFFFFFFFFu));
+}
+
+// bfloat16 <-> float as bit operations, identical on host and device. float -> bf16
+// rounds to nearest even and maps every NaN to 0x7FC0, as torch does.
+ALAM_HD float alam_bf16_to_float(uint16_t h) {
+  union { uint32_t u; float f; } c;
+  c.u = (uint32_t)h << 16;
+  return c.f;
+}
+
+ALAM_HD uint16_t alam_float_to_bf16(float f) {
+  union { uint32_t u; float f; } c;
+  c.f = f;
+  if ((c.u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  c.u += 0x7FFFu + ((c.u >> 16) & 1u);
+  return (uint16_t)(c.u >> 16);
+}
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Sizes of the packed buffers for n input values at `bits` (0 means average
+// quantization: ceil(n / ALAM_AQ_AVG) means at 2 bits).
+int64_t alam_payload_bytes(int64_t n, int bits);
+int64_t alam_num_groups(int64_t n, int bits);
+
+// CPU kernels (csrc/cpu). `meta` holds 2 floats per group: min, scale.
+void alam_cpu_quantize(const void* x, int dtype, int64_t n, int bits, uint64_t seed,
+                       uint8_t* payload, float* meta);
+void alam_cpu_dequantize(const uint8_t* payload, const float* meta, int64_t n, int bits,
+                         int dtype, void* out);
+// Masks: any nonzero byte is 1; 8 values per byte, value i at bit (i % 8).
+void alam_cpu_pack_mask(const uint8_t* x, int64_t n, uint8_t* payload);
+void alam_cpu_unpack_mask(const uint8_t* payload, int64_t n, uint8_t* out);
+int alam_cpu_num_threads(void);
+
+// CUDA kernels (csrc/cuda): same contracts, asynchronous on `stream` (a cudaStream_t).
+int alam_cuda_quantize(const void* x, int dtype, int64_t n, int bits, uint64_t seed,
+                       uint8_t* payload, float* meta, void* stream);
+int alam_cuda_dequantize(const uint8_t* payload, const float* meta, int64_t n, int bits,
+                         int dtype, void* out, void* stream);
+int alam_cuda_pack_mask(const uint8_t* x, int64_t n, uint8_t* payload, void* stream);
+int alam_cuda_unpack_mask(const uint8_t* payload, int64_t n, uint8_t* out, void* stream);
+const char* alam_cuda_error_string(int code);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,281 @@
+// CPU kernels for the alam_dist codec. OpenMP splits the groups across cores; inside a
+// group every loop has a fixed trip count of ALAM_GROUP and compile-time dtype/bit width
+// so GCC vectorises it (one clone per ISA via target_clones: AVX2 where the machine has
+// it, SSE2 otherwise, from one binary). Contracts: csrc/common/alam_codec.h.
+#include "../common/alam_codec.h"
+
+#include <math.h>
+#include <omp.h>
+#include <string.h>
+
+#include <limits>
+#include <type_traits>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ALAM_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define ALAM_MULTIVERSION
+#endif
+
+namespace {
+
+constexpr int G = ALAM_GROUP;
+
+template <int DT>
+inline float load(const void* x, int64_t i) {
+  if constexpr (DT == ALAM_BF16) {
+    return alam_bf16_to_float(((const uint16_t*)x)[i]);
+  } else if constexpr (DT == ALAM_F16) {
+    return (float)((const _Float16*)x)[i];
+  } else {
+    return ((const float*)x)[i];
+  }
+}
+
+// Branch-free float -> bfloat16 (same result as alam_float_to_bf16) so it vectorises.
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0 : (uint16_t)rounded;
+}
+
+template <int DT>
+inline void store(void* out, int64_t i, float v) {
+  if constexpr (DT == ALAM_BF16) {
+    ((uint16_t*)out)[i] = to_bf16(v);
+  } else if constexpr (DT == ALAM_F16) {
+    ((_Float16*)out)[i] = (_Float16)v;
+  } else {
+    ((float*)out)[i] = v;
+  }
+}
+
+// Fills v[0..count) with the group's values (inputs, or means of ALAM_AQ_AVG inputs
+// summed left to right) and pads v[count..G) with v[0], which changes neither the
+// group's min/max nor its finiteness.
+template <int DT, bool AQ>
+ALAM_MULTIVERSION void load_group(const void* x, int64_t n, int64_t first, int count, float* v) {
+  if (!AQ) {
+    const int64_t base = first;
+    if (count == G) {
+#pragma omp simd
+      for (int j = 0; j < G; ++j) v[j] = load<DT>(x, base + j);
+    } else {
+      for (int j = 0; j < count; ++j) v[j] = load<DT>(x, base + j);
+    }
+  } else if (count == G && (first + G) * ALAM_AQ_AVG <= n) {
+    const int64_t base = first * ALAM_AQ_AVG;
+#pragma omp simd
+    for (int j = 0; j < G; ++j) {
+      const int64_t s = base + (int64_t)j * ALAM_AQ_AVG;
+      v[j] = (((load<DT>(x, s) + load<DT>(x, s + 1)) + load<DT>(x, s + 2)) + load<DT>(x, s + 3)) /
+             (float)ALAM_AQ_AVG;
+    }
+  } else {
+    for (int j = 0; j < count; ++j) {
+      const int64_t start = (first + j) * ALAM_AQ_AVG;
+      const int64_t stop = start + ALAM_AQ_AVG < n ? start + ALAM_AQ_AVG : n;
+      float s = load<DT>(x, start);
+      for (int64_t k = start + 1; k < stop; ++k) s = s + load<DT>(x, k);
+      v[j] = s / (float)(stop - start);
+    }
+  }
+  for (int j = count; j < G; ++j) v[j] = v[0];
+}
+
+template <int BITS>
+ALAM_MULTIVERSION void quantize_group(const float* v, int count, uint32_t k0, uint32_t k1,
+                                      uint64_t first_index, uint8_t* payload, float* meta) {
+  constexpr int levels = (1 << BITS) - 1;
+  constexpr int per_byte = 8 / BITS;
+  float mn = v[0], mx = v[0];
+  uint32_t nonfinite = 0;
+#pragma omp simd reduction(min : mn) reduction(max : mx) reduction(| : nonfinite)
+  for (int j = 0; j < G; ++j) {
+    uint32_t u;
+    memcpy(&u, &v[j], 4);
+    nonfinite |= (u & 0x7F800000u) == 0x7F800000u;
+    mn = v[j] < mn ? v[j] : mn;
+    mx = v[j] > mx ? v[j] : mx;
+  }
+  const float scale = (mx - mn) / (float)levels;
+  const int nbytes = (count * BITS + 7) / 8;
+  if (nonfinite || !isfinite(scale)) {
+    // Policy (docs/codec.md): a group holding NaN/inf decodes to NaN as a whole, so
+    // loss scalers still see the overflow; no other group is touched.
+    meta[0] = std::numeric_limits<float>::quiet_NaN();
+    meta[1] = std::numeric_limits<float>::quiet_NaN();
+    memset(payload, 0, nbytes);
+    return;
+  }
+  meta[0] = mn;
+  meta[1] = scale;
+  const float div = scale == 0.0f ? 1.0f : scale;  // constant group: every q is 0
+  const uint32_t hi_key = (uint32_t)(first_index >> 32) ^ k1;
+  const uint32_t lo0 = (uint32_t)(first_index & 0xFFFFFFFFu);
+  uint8_t q[G];
+#pragma omp simd
+  for (int j = 0; j < G; ++j) {
+    const float u = alam_hash_uniform_lo(k0, hi_key, lo0 + (uint32_t)j);
+    // (v - mn) >= 0 and u >= 0, so truncation is floor here (and vectorises; floorf
+    // does not without -fno-trapping-math).
+    const int r = (int)((v[j] - mn) / div + u);
+    q[j] = (uint8_t)(r < levels ? r : levels);
+  }
+  for (int j = count; j < G; ++j) q[j] = 0;
+  for (int b = 0; b < nbytes; ++b) {
+    uint32_t byte = 0;
+#pragma GCC unroll 8
+    for (int k = 0; k < per_byte; ++k) byte |= (uint32_t)q[b * per_byte + k] << (k * BITS);
+    payload[b] = (uint8_t)byte;
+  }
+}
+
+template <int BITS>
+ALAM_MULTIVERSION void dequantize_group(const uint8_t* payload, const float* meta, int count,
+                                        float* v) {
+  constexpr int per_byte = 8 / BITS;
+  constexpr uint32_t mask = (1u << BITS) - 1u;
+  const int nbytes = (count * BITS + 7) / 8;
+  uint8_t q[G] = {0};
+  for (int b = 0; b < nbytes; ++b) {
+    const uint32_t byte = payload[b];
+#pragma GCC unroll 8
+    for (int k = 0; k < per_byte; ++k) q[b * per_byte + k] = (byte >> (k * BITS)) & mask;
+  }
+  const float mn = meta[0], scale = meta[1];
+#pragma omp simd
+  for (int j = 0; j < G; ++j) v[j] = (float)q[j] * scale + mn;
+}
+
+// Writes the group's decoded values (each AQ mean to its ALAM_AQ_AVG positions).
+template <int DT, bool AQ>
+ALAM_MULTIVERSION void store_group(const float* v, int64_t n, int64_t first, int count,
+                                   void* out) {
+  if (!AQ) {
+    if (count == G) {
+#pragma omp simd
+      for (int j = 0; j < G; ++j) store<DT>(out, first + j, v[j]);
+    } else {
+      for (int j = 0; j < count; ++j) store<DT>(out, first + j, v[j]);
+    }
+  } else if (count == G && (first + G) * ALAM_AQ_AVG <= n) {
+    const int64_t base = first * ALAM_AQ_AVG;
+#pragma omp simd
+    for (int e = 0; e < G * ALAM_AQ_AVG; ++e) store<DT>(out, base + e, v[e / ALAM_AQ_AVG]);
+  } else {
+    for (int j = 0; j < count; ++j) {
+      const int64_t start = (first + j) * ALAM_AQ_AVG;
+      const int64_t stop = start + ALAM_AQ_AVG < n ? start + ALAM_AQ_AVG : n;
+      for (int64_t e = start; e < stop; ++e) store<DT>(out, e, v[j]);
+    }
+  }
+}
+
+template <int DT, int BITS, bool AQ>
+void quantize(const void* x, int64_t n, uint64_t seed, uint8_t* payload, float* meta) {
+  const int64_t values = AQ ? (n + ALAM_AQ_AVG - 1) / ALAM_AQ_AVG : n;
+  const int64_t groups = (values + G - 1) / G;
+  constexpr int64_t group_bytes = G * BITS / 8;
+  uint32_t k0, k1;
+  alam_seed_keys(seed, &k0, &k1);
+#pragma omp parallel for schedule(static) if (groups > 256)
+  for (int64_t g = 0; g < groups; ++g) {
+    alignas(64) float v[G];
+    const int64_t first = g * G;
+    const int count = (int)(values - first < G ? values - first : G);
+    load_group<DT, AQ>(x, n, first, count, v);
+    quantize_group<BITS>(v, count, k0, k1, (uint64_t)first, payload + g * group_bytes,
+                         meta + 2 * g);
+  }
+}
+
+template <int DT, int BITS, bool AQ>
+void dequantize(const uint8_t* payload, const float* meta, int64_t n, void* out) {
+  const int64_t values = AQ ? (n + ALAM_AQ_AVG - 1) / ALAM_AQ_AVG : n;
+  const int64_t groups = (values + G - 1) / G;
+  constexpr int64_t group_bytes = G * BITS / 8;
+#pragma omp parallel for schedule(static) if (groups > 256)
+  for (int64_t g = 0; g < groups; ++g) {
+    alignas(64) float v[G];
+    const int64_t first = g * G;
+    const int count = (int)(values - first < G ? values - first : G);
+    dequantize_group<BITS>(payload + g * group_bytes, meta + 2 * g, count, v);
+    store_group<DT, AQ>(v, n, first, count, out);
+  }
+}
+
+// Runtime (dtype, bits) -> the template instance. bits 0 is average quantization.
+template <template <int, int, bool> class F, typename... Args>
+void dispatch(int dtype, int bits, Args... args) {
+  auto by_bits = [&](auto dt) {
+    constexpr int DT = decltype(dt)::value;
+    switch (bits) {
+      case 0: F<DT, 2, true>::run(args...); break;
+      case 2: F<DT, 2, false>::run(args...); break;
+      case 4: F<DT, 4, false>::run(args...); break;
+      case 8: F<DT, 8, false>::run(args...); break;
+    }
+  };
+  switch (dtype) {
+    case ALAM_BF16: by_bits(std::integral_constant<int, ALAM_BF16>{}); break;
+    case ALAM_F16: by_bits(std::integral_constant<int, ALAM_F16>{}); break;
+    default: by_bits(std::integral_constant<int, ALAM_F32>{});
+  }
+}
+
+template <int DT, int BITS, bool AQ>
+struct Quantize {
+  static void run(const void* x, int64_t n, uint64_t seed, uint8_t* payload, float* meta) {
+    quantize<DT, BITS, AQ>(x, n, seed, payload, meta);
+  }
+};
+
+template <int DT, int BITS, bool AQ>
+struct Dequantize {
+  static void run(const uint8_t* payload, const float* meta, int64_t n, void* out) {
+    dequantize<DT, BITS, AQ>(payload, meta, n, out);
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+int alam_cpu_num_threads(void) { return omp_get_max_threads(); }
+
+void alam_cpu_quantize(const void* x, int dtype, int64_t n, int bits, uint64_t seed,
+                       uint8_t* payload, float* meta) {
+  if (n == 0) return;
+  dispatch<Quantize>(dtype, bits, x, n, seed, payload, meta);
+}
+
+void alam_cpu_dequantize(const uint8_t* payload, const float* meta, int64_t n, int bits,
+                         int dtype, void* out) {
+  if (n == 0) return;
+  dispatch<Dequantize>(dtype, bits, payload, meta, n, out);
+}
+
+void alam_cpu_pack_mask(const uint8_t* x, int64_t n, uint8_t* payload) {
+  const int64_t full = n / 8;
+#pragma omp parallel for schedule(static) if (full > 65536)
+  for (int64_t b = 0; b < full; ++b) {
+    uint32_t byte = 0;
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) byte |= (uint32_t)(x[b * 8 + k] != 0) << k;
+    payload[b] = (uint8_t)byte;
+  }
+  if (full * 8 < n) {  // the tail byte reads only the n % 8 values that exist
+    uint32_t byte = 0;
+    for (int64_t i = full * 8; i < n; ++i) byte |= (uint32_t)(x[i] != 0) << (i - full * 8);
+    payload[full] = (uint8_t)byte;
+  }
+}
+
+void alam_cpu_unpack_mask(const uint8_t* payload, int64_t n, uint8_t* out) {
+#pragma omp parallel for simd schedule(static) if (n > 524288)
+  for (int64_t i = 0; i < n; ++i) out[i] = (payload[i >> 3] >> (i & 7)) & 1u;
+}
+
+}  // extern "C"

@@ -1,0 +1,199 @@
+// CUDA kernels for the alam_dist codec. One warp per 128-value group, 4 values per
+// lane, so a lane's 4 quantized values fill whole bytes for every bit width.
+// Arithmetic uses the explicit round-to-nearest intrinsics (no FMA contraction) so the
+// output is bit-identical to csrc/cpu and alam_dist/codec/reference.py.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "../common/alam_codec.h"
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kGroupsPerBlock = kThreads / 32;
+constexpr int kPerLane = ALAM_GROUP / 32;  // 4
+
+__device__ __forceinline__ float load(const void* x, int dtype, int64_t i) {
+  if (dtype == ALAM_BF16) return alam_bf16_to_float(((const uint16_t*)x)[i]);
+  if (dtype == ALAM_F16) return __half2float(((const __half*)x)[i]);
+  return ((const float*)x)[i];
+}
+
+__device__ __forceinline__ void store(void* out, int dtype, int64_t i, float v) {
+  if (dtype == ALAM_BF16) {
+    ((uint16_t*)out)[i] = alam_float_to_bf16(v);
+  } else if (dtype == ALAM_F16) {
+    ((__half*)out)[i] = __float2half_rn(v);
+  } else {
+    ((float*)out)[i] = v;
+  }
+}
+
+// Value j of the quantized sequence: input j, or the left-to-right mean of inputs
+// [4j, min(4j+4, n)) for average quantization.
+__device__ __forceinline__ float load_value(const void* x, int dtype, int64_t n, bool aq,
+                                            int64_t j) {
+  if (!aq) return load(x, dtype, j);
+  const int64_t start = j * ALAM_AQ_AVG;
+  const int64_t stop = start + ALAM_AQ_AVG < n ? start + ALAM_AQ_AVG : n;
+  float s = load(x, dtype, start);
+  for (int64_t k = start + 1; k < stop; ++k) s = __fadd_rn(s, load(x, dtype, k));
+  return __fdiv_rn(s, (float)(stop - start));
+}
+
+template <int BITS>
+__global__ void quantize_kernel(const void* x, int dtype, int64_t n, bool aq,
+                                int64_t values, int64_t groups, int64_t payload_bytes,
+                                uint32_t k0, uint32_t k1, uint8_t* payload, float* meta) {
+  const int lane = threadIdx.x & 31;
+  const int64_t g = (int64_t)blockIdx.x * kGroupsPerBlock + (threadIdx.x >> 5);
+  if (g >= groups) return;  // uniform per warp: the shuffles below stay convergent
+  const int64_t first = g * ALAM_GROUP + lane * kPerLane;
+  float v[kPerLane];
+  float mn = INFINITY, mx = -INFINITY;
+  bool finite = true;
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const int64_t j = first + k;
+    v[k] = j < values ? load_value(x, dtype, n, aq, j) : 0.0f;
+    if (j < values) {
+      finite &= isfinite(v[k]);
+      mn = fminf(mn, v[k]);
+      mx = fmaxf(mx, v[k]);
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    mn = fminf(mn, __shfl_xor_sync(0xFFFFFFFFu, mn, off));
+    mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, off));
+  }
+  finite = __all_sync(0xFFFFFFFFu, finite);
+  constexpr int levels = (1 << BITS) - 1;
+  const float scale = __fdiv_rn(__fsub_rn(mx, mn), (float)levels);
+  const bool bad = !finite || !isfinite(scale);
+  if (lane == 0) {
+    meta[2 * g] = bad ? __int_as_float(0x7FC00000) : mn;
+    meta[2 * g + 1] = bad ? __int_as_float(0x7FC00000) : scale;
+  }
+  const float div = scale == 0.0f ? 1.0f : scale;
+  uint32_t packed = 0;  // kPerLane * BITS bits: 1, 2 or 4 bytes
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const int64_t j = first + k;
+    uint32_t q = 0;
+    if (j < values && !bad) {
+      const float u = alam_hash_uniform(k0, k1, (uint64_t)j);
+      float r = floorf(__fadd_rn(__fdiv_rn(__fsub_rn(v[k], mn), div), u));
+      r = fminf(fmaxf(r, 0.0f), (float)levels);
+      q = (uint32_t)r;
+    }
+    packed |= q << (k * BITS);
+  }
+  const int64_t byte0 = first * BITS / 8;
+#pragma unroll
+  for (int b = 0; b < kPerLane * BITS / 8; ++b) {
+    if (byte0 + b < payload_bytes) payload[byte0 + b] = (uint8_t)(packed >> (8 * b));
+  }
+}
+
+template <int BITS>
+__global__ void dequantize_kernel(const uint8_t* payload, const float* meta, int64_t n,
+                                  bool aq, int64_t values, int64_t groups, int dtype,
+                                  void* out) {
+  const int lane = threadIdx.x & 31;
+  const int64_t g = (int64_t)blockIdx.x * kGroupsPerBlock + (threadIdx.x >> 5);
+  if (g >= groups) return;
+  const int64_t first = g * ALAM_GROUP + lane * kPerLane;
+  const float mn = meta[2 * g], scale = meta[2 * g + 1];
+  constexpr int per_byte = 8 / BITS;
+  constexpr uint32_t mask = (1u << BITS) - 1u;
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const int64_t j = first + k;
+    if (j >= values) break;
+    const uint32_t q = (payload[j / per_byte] >> ((j % per_byte) * BITS)) & mask;
+    const float y = __fadd_rn(__fmul_rn((float)q, scale), mn);
+    if (!aq) {
+      store(out, dtype, j, y);
+      continue;
+    }
+    const int64_t start = j * ALAM_AQ_AVG;
+    const int64_t stop = start + ALAM_AQ_AVG < n ? start + ALAM_AQ_AVG : n;
+    for (int64_t e = start; e < stop; ++e) store(out, dtype, e, y);
+  }
+}
+
+__global__ void pack_mask_kernel(const uint8_t* x, int64_t n, uint8_t* payload) {
+  const int64_t b = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t first = b * 8;
+  if (first >= n) return;
+  const int count = n - first < 8 ? (int)(n - first) : 8;  // never read past the end
+  uint32_t byte = 0;
+  for (int k = 0; k < count; ++k) byte |= (uint32_t)(x[first + k] != 0) << k;
+  payload[b] = (uint8_t)byte;
+}
+
+__global__ void unpack_mask_kernel(const uint8_t* payload, int64_t n, uint8_t* out) {
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = (payload[i >> 3] >> (i & 7)) & 1u;
+}
+
+int64_t blocks_for(int64_t groups) { return (groups + kGroupsPerBlock - 1) / kGroupsPerBlock; }
+
+}  // namespace
+
+extern "C" {
+
+int alam_cuda_quantize(const void* x, int dtype, int64_t n, int bits, uint64_t seed,
+                       uint8_t* payload, float* meta, void* stream) {
+  if (n == 0) return 0;
+  const bool aq = bits == 0;
+  const int64_t values = aq ? (n + ALAM_AQ_AVG - 1) / ALAM_AQ_AVG : n;
+  const int64_t groups = (values + ALAM_GROUP - 1) / ALAM_GROUP;
+  const int64_t payload_bytes = alam_payload_bytes(n, bits);
+  uint32_t k0, k1;
+  alam_seed_keys(seed, &k0, &k1);
+  cudaStream_t s = (cudaStream_t)stream;
+  const int64_t blocks = blocks_for(groups);
+  switch (aq ? 2 : bits) {
+    case 2: quantize_kernel<2><<<blocks, kThreads, 0, s>>>(x, dtype, n, aq, values, groups, payload_bytes, k0, k1, payload, meta); break;
+    case 4: quantize_kernel<4><<<blocks, kThreads, 0, s>>>(x, dtype, n, aq, values, groups, payload_bytes, k0, k1, payload, meta); break;
+    case 8: quantize_kernel<8><<<blocks, kThreads, 0, s>>>(x, dtype, n, aq, values, groups, payload_bytes, k0, k1, payload, meta); break;
+    default: return (int)cudaErrorInvalidValue;
+  }
+  return (int)cudaGetLastError();
+}
+
+int alam_cuda_dequantize(const uint8_t* payload, const float* meta, int64_t n, int bits,
+                         int dtype, void* out, void* stream) {
+  if (n == 0) return 0;
+  const bool aq = bits == 0;
+  const int64_t values = aq ? (n + ALAM_AQ_AVG - 1) / ALAM_AQ_AVG : n;
+  const int64_t groups = (values + ALAM_GROUP - 1) / ALAM_GROUP;
+  cudaStream_t s = (cudaStream_t)stream;
+  const int64_t blocks = blocks_for(groups);
+  switch (aq ? 2 : bits) {
+    case 2: dequantize_kernel<2><<<blocks, kThreads, 0, s>>>(payload, meta, n, aq, values, groups, dtype, out); break;
+    case 4: dequantize_kernel<4><<<blocks, kThreads, 0, s>>>(payload, meta, n, aq, values, groups, dtype, out); break;
+    case 8: dequantize_kernel<8><<<blocks, kThreads, 0, s>>>(payload, meta, n, aq, values, groups, dtype, out); break;
+    default: return (int)cudaErrorInvalidValue;
+  }
+  return (int)cudaGetLastError();
+}
+
+int alam_cuda_pack_mask(const uint8_t* x, int64_t n, uint8_t* payload, void* stream) {
+  if (n == 0) return 0;
+  const int64_t nbytes = (n + 7) / 8;
+  pack_mask_kernel<<<(nbytes + kThreads - 1) / kThreads, kThreads, 0, (cudaStream_t)stream>>>(x, n, payload);
+  return (int)cudaGetLastError();
+}
+
+int alam_cuda_unpack_mask(const uint8_t* payload, int64_t n, uint8_t* out, void* stream) {
+  if (n == 0) return 0;
+  unpack_mask_kernel<<<(n + kThreads - 1) / kThreads, kThreads, 0, (cudaStream_t)stream>>>(payload, n, out);
+  return (int)cudaGetLastError();
+}
+
+const char* alam_cuda_error_string(int code) { return cudaGetErrorString((cudaError_t)code); }
+
+}  // extern "C"
