@@ -1,0 +1,165 @@
+"""Bit allocation: sensitivities and sizes -> a Plan (pure arithmetic, deterministic).
+
+Greedy, as in GACT/ALAM: every tensor starts exact; repeatedly move the tensor whose next
+step down the ladder (32 -> 8 -> 4 -> 2 -> 0.5) adds the least gradient variance per bit
+saved, until the average stored bits per element (metadata included) is within budget.
+The gradient variance of tensor i at format b is ``sens_i * w_i(b)``: ``sens_i`` is
+GradNormVar, measured with average quantization, so ``w_i(AQ) = 1``; ``w_i(b)`` for the
+other formats is the measured activation-error ratio MSE_i(b) / MSE_i(AQ) of that very
+tensor (alam_dist.sensitivity), and exact formats cost 0. Without measured ratios the
+model ``w(b) = 1 / (2**b - 1)**2`` (AQ as b = 1, the seed code's convention) is used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Bits per element actually stored, per format, with fp32 (min, scale) per 128 values.
+_STORED_BITS = {0.5: 0.5 + 64 / 512, 2: 2 + 64 / 128, 4: 4 + 64 / 128, 8: 8 + 64 / 128}
+PLAN_VERSION = 1
+
+
+def stored_bits(fmt: float, raw_bits: int) -> float:
+    """Bits per element a tensor of ``raw_bits`` (16 or 32) costs at format ``fmt``."""
+    if fmt == 32 or fmt >= raw_bits:
+        return float(raw_bits)
+    if fmt == 16:
+        return 16.0
+    return _STORED_BITS[fmt]
+
+
+def variance_weight(fmt: float, error_ratio: dict[float, float] | None = None) -> float:
+    if fmt >= 16:
+        return 0.0
+    if fmt == 0.5:
+        return 1.0
+    if error_ratio and fmt in error_ratio:
+        return error_ratio[fmt]
+    return 1.0 / (2 ** fmt - 1) ** 2
+
+
+class PlanMismatchError(RuntimeError):
+    """A plan does not fit the model or the tensors it is applied to."""
+
+
+@dataclass
+class Plan:
+    """key -> bits for every saved activation, plus what it was made for."""
+
+    bits: dict[str, float]
+    numel: dict[str, int] = field(default_factory=dict)
+    raw_bits: dict[str, int] = field(default_factory=dict)
+    fingerprint: str = ""
+    budget: float | None = None
+    sensitivity: dict[str, float] = field(default_factory=dict)
+
+    def average_bits(self) -> float:
+        """Stored bits per element over the planned tensors, metadata included."""
+        total = sum(self.numel.get(k, 0) for k in self.bits)
+        if total == 0:
+            return 0.0
+        return sum(stored_bits(b, self.raw_bits.get(k, 32)) * self.numel.get(k, 0)
+                   for k, b in self.bits.items()) / total
+
+    def digest(self) -> str:
+        """Hash of what training uses (fingerprint + key -> bits): compared across ranks."""
+        body = json.dumps({"fingerprint": self.fingerprint, "bits": sorted(self.bits.items())})
+        return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+    def check_model(self, fingerprint: str) -> None:
+        if self.fingerprint and fingerprint and self.fingerprint != fingerprint:
+            raise PlanMismatchError(
+                f"the bit plan was made for a different model (plan fingerprint "
+                f"{self.fingerprint}, this model {fingerprint}); delete load_plan_path or "
+                "re-probe with the model you train")
+
+    def to_dict(self) -> dict:
+        return {"version": PLAN_VERSION, "fingerprint": self.fingerprint, "budget": self.budget,
+                "average_bits": self.average_bits(), "bits": self.bits, "numel": self.numel,
+                "raw_bits": self.raw_bits, "sensitivity": self.sensitivity}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        if d.get("version") != PLAN_VERSION or "bits" not in d:
+            raise PlanMismatchError(f"not an alam_dist plan (version {d.get('version')!r}, "
+                                    f"expected {PLAN_VERSION})")
+        return cls(bits={k: float(v) if v == 0.5 else int(v) for k, v in d["bits"].items()},
+                   numel={k: int(v) for k, v in d.get("numel", {}).items()},
+                   raw_bits={k: int(v) for k, v in d.get("raw_bits", {}).items()},
+                   fingerprint=d.get("fingerprint", ""), budget=d.get("budget"),
+                   sensitivity={k: float(v) for k, v in d.get("sensitivity", {}).items()})
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"bit plan {path} does not exist; run once with "
+                                    "save_plan_path to create it") from None
+
+
+def _ladder_for(raw_bits: int, ladder: tuple[float, ...], floor: float = 0.0) -> list[float]:
+    """The ladder's steps (down to ``floor``) that store fewer bits for this dtype."""
+    steps: list[float] = []
+    for fmt in ladder:
+        if steps and fmt < floor:
+            break
+        if not steps or stored_bits(fmt, raw_bits) < stored_bits(steps[-1], raw_bits):
+            steps.append(fmt)
+    return steps
+
+
+def allocate(sensitivity: dict[str, float], numel: dict[str, int], raw_bits: dict[str, int],
+             budget: float, ladder: tuple[float, ...] = (32, 8, 4, 2, 0.5),
+             fingerprint: str = "",
+             error_ratio: dict[str, dict[float, float]] | None = None,
+             floors: dict[str, float] | None = None) -> Plan:
+    """Greedy allocation under ``budget`` average stored bits per element.
+
+    Deterministic: candidates are scanned in key order and ties broken by key, so equal
+    inputs give equal plans on every rank. ``floors`` (key -> lowest format allowed) cut
+    a tensor's ladder. A budget below what the floors and the cheapest format allow
+    leaves every tensor at its lowest allowed format.
+    """
+    ladder = tuple(sorted(set(ladder), reverse=True))
+    keys = sorted(numel)
+    missing = [k for k in keys if k not in sensitivity]
+    if missing:
+        raise ValueError(f"no sensitivity for {len(missing)} tensor(s), e.g. {missing[:3]}")
+    floors = floors or {}
+    steps = {k: _ladder_for(raw_bits[k], ladder, floors.get(k, 0.0)) for k in keys}
+    level = {k: 0 for k in keys}
+    cost = {k: stored_bits(steps[k][0], raw_bits[k]) * numel[k] for k in keys}
+    total, limit = sum(cost.values()), budget * sum(numel.values())
+    while total > limit * (1 + 1e-12):
+        best = None
+        for k in keys:
+            if level[k] + 1 >= len(steps[k]):
+                continue
+            cur, nxt = steps[k][level[k]], steps[k][level[k] + 1]
+            saved = cost[k] - stored_bits(nxt, raw_bits[k]) * numel[k]
+            ratio = (error_ratio or {}).get(k)
+            added = max(sensitivity[k], 0.0) * max(
+                variance_weight(nxt, ratio) - variance_weight(cur, ratio), 0.0)
+            score = (added / saved, k)
+            if best is None or score < best:
+                best = score
+        if best is None:
+            break  # everything is already at the cheapest format
+        k = best[1]
+        level[k] += 1
+        new_cost = stored_bits(steps[k][level[k]], raw_bits[k]) * numel[k]
+        total += new_cost - cost[k]
+        cost[k] = new_cost
+    return Plan(bits={k: steps[k][level[k]] for k in keys}, numel=dict(numel),
+                raw_bits=dict(raw_bits), fingerprint=fingerprint, budget=budget,
+                sensitivity={k: float(sensitivity[k]) for k in keys})

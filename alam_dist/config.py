@@ -1,0 +1,145 @@
+"""ALAMConfig: the ``"alam"`` section of ds_config.json, as a typed object.
+
+    >>> from alam_dist import ALAMConfig
+    >>> cfg = ALAMConfig.from_dict({"bits": 1, "total_steps": 1000})
+    >>> cfg.probe_steps_resolved()
+    (0, 100)
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+from alam_dist.codec import ALLOWED_BITS
+
+DEFAULT_LADDER = (32, 8, 4, 2, 0.5)
+
+
+@dataclass(kw_only=True)
+class ALAMConfig:
+    enabled: bool = True
+    """Master switch: with False every integration behaves exactly as without alam_dist."""
+    bits: float = 1.0
+    """Average bit budget per compressed activation element, metadata included (0.5–32)."""
+    total_steps: int | None = None
+    """Training steps; with it the default probe schedule is step 0 and 10% of total."""
+    probe_steps: tuple[int, ...] | None = None
+    """Explicit steps at which GradNormVar probes run (overrides the default schedule)."""
+    ladder: tuple[float, ...] = DEFAULT_LADDER
+    """Formats the allocator steps through, from exact down (subset of 32, 16, 8, 4, 2, 0.5)."""
+    group_size: int = 128
+    """Values per quantization group (fixed by the kernel ABI; kept for config clarity)."""
+    aq_average: int = 4
+    """Values averaged by average quantization (fixed by the kernel ABI)."""
+    min_bits: dict[str, float] = field(default_factory=lambda: {"*Norm:*/*.0": 2})
+    """Floors: fnmatch pattern over "ModuleClass:key" -> lowest format allowed. The default
+    keeps normalization-layer inputs off average quantization, whose bias there stalls
+    training (docs/controller.md); ``{}`` gives the plain ALAM allocation."""
+    probe_granularity: str = "row"
+    """GradNormVar's norm vector: "row" (per output row, default) or "param" (reference)."""
+    min_numel: int = 1024
+    """Saved tensors smaller than this are kept exact (metadata would dominate)."""
+    seed: int = 0
+    """Base seed of the stochastic rounding; mixed with step, rank and tensor key."""
+    on_plan_mismatch: str = "error"
+    """A saved tensor whose key is not in the plan: "error" (default) or "warn" (keep it exact)."""
+    save_plan_path: str | None = None
+    """Write the allocated plan (JSON) here after each probe round."""
+    load_plan_path: str | None = None
+    """Use this plan and skip probing (unless probe_steps is set explicitly)."""
+    backend: str = "auto"
+    """Codec backend: auto, reference, cpp or cuda."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation -------------------------------------------------------------------
+    def validate(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"alam.enabled must be true or false, got {self.enabled!r}")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)) \
+                or not 0.5 <= self.bits <= 32:
+            raise ValueError(f"alam.bits is the average bit budget and must be a number in "
+                             f"[0.5, 32], got {self.bits!r}")
+        if self.total_steps is not None and (not isinstance(self.total_steps, int)
+                                             or self.total_steps < 1):
+            raise ValueError(f"alam.total_steps must be a positive integer, got {self.total_steps!r}")
+        if self.probe_steps is not None:
+            steps = tuple(self.probe_steps)
+            if not all(isinstance(s, int) and s >= 0 for s in steps):
+                raise ValueError(f"alam.probe_steps must be non-negative integers, got {self.probe_steps!r}")
+            self.probe_steps = tuple(sorted(set(steps)))
+        ladder = tuple(self.ladder)
+        allowed = tuple(b for b in ALLOWED_BITS)
+        bad = [b for b in ladder if b not in allowed]
+        if bad or not ladder:
+            raise ValueError(f"alam.ladder entries must come from {allowed}, got {list(ladder)}")
+        if max(ladder) != 32:
+            raise ValueError("alam.ladder must start at 32 (kept exact), e.g. [32, 8, 4, 2, 0.5]")
+        self.ladder = tuple(sorted(set(ladder), reverse=True))
+        if self.group_size != 128:
+            raise ValueError(f"alam.group_size={self.group_size}: the kernels use groups of 128; "
+                             "remove the key or set it to 128")
+        if self.aq_average != 4:
+            raise ValueError(f"alam.aq_average={self.aq_average}: average quantization averages "
+                             "4 values; remove the key or set it to 4")
+        if not isinstance(self.min_bits, dict) or not all(
+                isinstance(k, str) and v in allowed for k, v in self.min_bits.items()):
+            raise ValueError(f"alam.min_bits maps key patterns to formats in {allowed}, "
+                             f"got {self.min_bits!r}")
+        if self.probe_granularity not in ("row", "param"):
+            raise ValueError(f"alam.probe_granularity must be 'row' or 'param', got "
+                             f"{self.probe_granularity!r}")
+        if not isinstance(self.min_numel, int) or self.min_numel < 0:
+            raise ValueError(f"alam.min_numel must be a non-negative integer, got {self.min_numel!r}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"alam.seed must be an integer, got {self.seed!r}")
+        if self.on_plan_mismatch not in ("error", "warn"):
+            raise ValueError(f"alam.on_plan_mismatch must be 'error' or 'warn', got {self.on_plan_mismatch!r}")
+        if self.backend not in ("auto", "reference", "cpp", "cuda"):
+            raise ValueError(f"alam.backend must be auto, reference, cpp or cuda, got {self.backend!r}")
+
+    # -- schedule ---------------------------------------------------------------------
+    def floor_for(self, key: str, module_type: str) -> float:
+        """Lowest format allowed for a saved tensor (0 when no pattern matches)."""
+        name = f"{module_type}:{key}"
+        return max((b for pat, b in self.min_bits.items() if fnmatch.fnmatchcase(name, pat)),
+                   default=0.0)
+
+    def probe_steps_resolved(self) -> tuple[int, ...]:
+        """Steps at which a probe round runs."""
+        if self.probe_steps is not None:
+            return self.probe_steps
+        if self.load_plan_path:
+            return ()
+        if self.total_steps is None:
+            return (0,)
+        later = int(self.total_steps * 0.1)
+        return (0, later) if later > 0 else (0,)
+
+    # -- (de)serialisation ------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, section: dict[str, Any] | None) -> "ALAMConfig":
+        """Parse the ``"alam"`` section of a ds_config; unknown keys are errors."""
+        section = dict(section or {})
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(section) - set(names))
+        if unknown:
+            raise ValueError(f"unknown key(s) in the 'alam' config section: {unknown}; "
+                             f"allowed keys are {names}")
+        for key in ("probe_steps", "ladder"):
+            if key in section and section[key] is not None:
+                if not isinstance(section[key], (list, tuple)):
+                    raise ValueError(f"alam.{key} must be a list, got {section[key]!r}")
+                section[key] = tuple(section[key])
+        return cls(**section)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["min_bits"] = dict(self.min_bits)
+        for key in ("probe_steps", "ladder"):
+            if out[key] is not None:
+                out[key] = list(out[key])
+        return out

@@ -1,0 +1,270 @@
+"""The controller: ties policy, GradNormVar probes, allocation and the plan together.
+
+It knows nothing of DeepSpeed or FSDP: integrations pass a :class:`Collective` (how to
+split probe jobs across ranks and combine results) and call :meth:`Controller.probe` /
+:meth:`Controller.step_done` from their engine's life cycle.
+
+Seed-compatible use (also available as ``import alam``)::
+
+    import alam_dist as alam
+    alam.set_config(bit=1, total_step=1000)
+    controller = alam.Controller(model, save_bit_path="plan.json")
+    controller.install_hook()
+    def backprop():
+        loss = model(x).loss
+        optimizer.zero_grad()
+        loss.backward()
+    for step in range(1000):
+        controller.iterate(backprop)   # probes when due, then backprop() once
+        optimizer.step()
+    controller.uninstall_hook()
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from alam_dist.allocation import Plan, PlanMismatchError, allocate
+from alam_dist.config import ALAMConfig
+from alam_dist.policy import SavedTensorPolicy, key_seed, model_fingerprint
+from alam_dist.sensitivity import (ProbeJob, ProbeResult, ProbeRound, preserved_training_state,
+                                   record_forward)
+
+log = logging.getLogger("alam_dist")
+
+
+class Collective:
+    """Single-process collective; distributed integrations subclass it."""
+
+    rank, world_size = 0, 1
+
+    def my_jobs(self, jobs: list[ProbeJob]) -> list[ProbeJob]:
+        """The probe jobs this rank runs."""
+        return jobs
+
+    def gather_results(self, results: list[ProbeResult]) -> list[ProbeResult]:
+        """Every rank's results, identical on all ranks."""
+        return results
+
+    def check_plan(self, plan: Plan) -> None:
+        """Raise if ranks hold different plans."""
+
+
+@dataclass
+class ProbeCost:
+    rounds: int = 0
+    jobs: int = 0
+    forward_passes: int = 0
+    backward_passes: int = 0
+    seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+
+def _uniform_bits(budget: float, ladder: tuple[float, ...]) -> float:
+    """Before any probe: the largest format at or under the budget (or the cheapest)."""
+    under = [b for b in ladder if b <= budget]
+    return max(under) if under else min(ladder)
+
+
+class Controller:
+    """ALAM for one model. See the module docstring for the seed API."""
+
+    def __init__(self, model: torch.nn.Module, save_bit_path: str | None = None,
+                 load_bit_path: str | None = None, *, config: ALAMConfig | None = None,
+                 collective: Collective | None = None):
+        cfg = config or _global_config()
+        updates = {}
+        if save_bit_path is not None:
+            updates["save_plan_path"] = str(save_bit_path)
+        if load_bit_path is not None:
+            updates["load_plan_path"] = str(load_bit_path)
+        self.config = ALAMConfig(**{**cfg.to_dict(), **updates}) if updates else cfg
+        self.model = model
+        self.collective = collective or Collective()
+        self.policy = SavedTensorPolicy(model, min_numel=self.config.min_numel,
+                                        backend=self.config.backend)
+        self.policy.bits_for = self._bits_for
+        self.policy.seed_for = self._seed_for
+        self.step = 0
+        self.plan: Plan | None = None
+        self.probe_cost = ProbeCost()
+        self._last_stats = None
+        self._fingerprint = model_fingerprint(model)
+        self._default_bits = _uniform_bits(self.config.bits, self.config.ladder)
+        self._mismatch_warned: set[str] = set()
+        if self.config.load_plan_path:
+            self.load_plan(self.config.load_plan_path)
+
+    # -- hooks ----------------------------------------------------------------------------
+    def install_hook(self) -> "Controller":
+        if self.config.enabled:
+            self.policy.install()
+        return self
+
+    def uninstall_hook(self) -> None:
+        self.policy.uninstall()
+
+    def __enter__(self) -> "Controller":
+        return self.install_hook()
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall_hook()
+
+    # Seed API: the README's manual pack/unpack form.
+    def quantize(self, tensor: torch.Tensor):
+        return self.policy.pack(tensor)
+
+    def dequantize(self, saved):
+        return self.policy.unpack(saved)
+
+    # -- plan -----------------------------------------------------------------------------
+    def _bits_for(self, key: str, t: torch.Tensor) -> float:
+        if self.plan is None:
+            return self._default_bits
+        bits = self.plan.bits.get(key)
+        if bits is None:
+            msg = (f"saved tensor {key!r} ({tuple(t.shape)}, {t.dtype}) is not in the bit plan "
+                   f"({len(self.plan.bits)} keys): the model's forward changed since the plan "
+                   "was made. Re-probe (delete load_plan_path) or set "
+                   "alam.on_plan_mismatch='warn' to keep such tensors exact.")
+            if self.config.on_plan_mismatch == "error":
+                raise PlanMismatchError(msg)
+            if key not in self._mismatch_warned:
+                self._mismatch_warned.add(key)
+                warnings.warn(msg, stacklevel=2)
+            return 32
+        return bits
+
+    def _seed_for(self, key: str) -> int:
+        return key_seed(self.config.seed, self.step, self.collective.rank,
+                        self.policy.stats.forwards, key)
+
+    def set_plan(self, plan: Plan) -> None:
+        plan.check_model(self._fingerprint)
+        self.collective.check_plan(plan)
+        self.plan = plan
+
+    def load_plan(self, path: str) -> Plan:
+        self.set_plan(Plan.load(path))
+        log.info("alam_dist: loaded bit plan %s (%d tensors, %.3f bits)", path,
+                 len(self.plan.bits), self.plan.average_bits())
+        return self.plan
+
+    # -- probing --------------------------------------------------------------------------
+    def probe_due(self) -> bool:
+        return self.config.enabled and self.step in self.config.probe_steps_resolved()
+
+    def probe(self, closure: Callable[[], object]) -> Plan:
+        """Run one GradNormVar round with ``closure`` as the forward, allocate, set the plan.
+
+        ``closure`` runs the model's forward and returns the loss (or calls
+        ``loss.backward()``, which is intercepted). Training state is left untouched.
+        """
+        if not self.policy.installed:
+            raise RuntimeError("install_hook() before probing")
+        start = time.perf_counter()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        seed = key_seed(self.config.seed, self.step, "probe")
+        stats_before = self.policy.stats
+        with preserved_training_state(self.model, params):
+            self.policy.stats = type(stats_before)()
+            self.policy.seen.clear()
+            loss = record_forward(self.policy, closure)
+            probe_round = ProbeRound(self.policy, loss, params, seed, self.config.ladder,
+                                     self.config.probe_granularity)
+            jobs = probe_round.jobs()
+            mine = self.collective.my_jobs(jobs)
+            local = [probe_round.run(job) for job in mine]
+            seen = dict(self.policy.seen)
+            del loss, probe_round
+        self.policy.stats = stats_before
+        results = self.collective.gather_results(local)
+        sens = {r.key: r.sensitivity for r in results}
+        plan = allocate(sens, {k: v.numel for k, v in seen.items()},
+                        {k: v.raw_bits for k, v in seen.items()}, self.config.bits,
+                        self.config.ladder, self._fingerprint,
+                        error_ratio={r.key: r.error_ratio for r in results},
+                        floors={k: self.config.floor_for(k, v.module_type) for k, v in seen.items()})
+        self.set_plan(plan)
+        elapsed = time.perf_counter() - start
+        cost = self.probe_cost
+        cost.rounds += 1
+        cost.jobs += len(mine)
+        cost.forward_passes += 1
+        cost.backward_passes += sum(r.backward_passes for r in local)
+        cost.seconds += elapsed
+        cost.history.append({"step": self.step, "tensors": len(jobs), "jobs_this_rank": len(mine),
+                             "backward_passes": sum(r.backward_passes for r in local),
+                             "seconds": elapsed, "average_bits": plan.average_bits()})
+        if self.config.save_plan_path and self.collective.rank == 0:
+            plan.save(self.config.save_plan_path)
+        log.info("alam_dist: probed %d/%d tensors in %.1fs; plan %.3f bits/element",
+                 len(mine), len(jobs), elapsed, plan.average_bits())
+        return plan
+
+    # -- the training step ----------------------------------------------------------------
+    def iterate(self, backprop: Callable[[], object]) -> object:
+        """Probe when due (with ``backprop`` as the forward), then run ``backprop()`` once."""
+        if self.probe_due():
+            self.probe(backprop)
+        out = backprop()
+        self.step_done()
+        return out
+
+    def step_done(self) -> None:
+        """Close the step: keep its memory statistics, advance the step counter."""
+        self._last_stats = self.policy.stats
+        self.policy.stats = type(self._last_stats)()
+        self.step += 1
+
+    def memory_report(self) -> dict:
+        """Saved-activation bytes of the last finished step (or the current one)."""
+        s = self._last_stats or self.policy.stats
+        return {
+            "step": self.step - 1 if self._last_stats else self.step,
+            "saved_bytes_raw": s.raw_bytes,
+            "saved_bytes_packed": s.packed_bytes,
+            "ratio": s.raw_bytes / s.packed_bytes if s.packed_bytes else 1.0,
+            "tensors": s.tensors,
+            "kept_exact_bytes": s.exact_bytes,
+            "deduplicated": s.deduplicated,
+            "skipped_weights": s.skipped_weights,
+            "skipped_other": s.skipped_other,
+            "forwards": s.forwards,
+            "plan_average_bits": self.plan.average_bits() if self.plan else None,
+            "bits": dict(self.plan.bits) if self.plan else {},
+        }
+
+
+# -- seed API: module-level config -----------------------------------------------------------
+_CONFIG = ALAMConfig()
+
+
+def set_config(bit: float = 1, total_step: int | None = None, **kwargs) -> ALAMConfig:
+    """Seed-compatible global config: ``set_config(bit=1, total_step=N)``."""
+    global _CONFIG
+    _CONFIG = ALAMConfig(bits=bit, total_steps=total_step, **kwargs)
+    return _CONFIG
+
+
+def _global_config() -> ALAMConfig:
+    return _CONFIG
+
+
+def apply(model: torch.nn.Module, config: ALAMConfig | None = None, **kwargs) -> Controller:
+    """The one verb: install ALAM on ``model`` and return its controller.
+
+        >>> import torch, alam_dist
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
+        >>> ctl = alam_dist.apply(model, alam_dist.ALAMConfig(bits=2, min_numel=16))
+        >>> loss = model(torch.randn(32, 64)).sum()
+        >>> loss.backward()
+        >>> ctl.memory_report()["ratio"] > 1
+        True
+    """
+    return Controller(model, config=config, **kwargs).install_hook()

@@ -1,0 +1,282 @@
+"""Saved-tensor policy: which saved tensors are compressed, under which stable key.
+
+Installed on a model, it hooks every module's forward to know *where* a tensor is saved:
+the key of a saved tensor is ``"<module qualified name>/<call>.<ordinal>"`` -- the module
+running when autograd saves it, how many times that module already ran in this forward,
+and the position of the save inside that call. This does not depend on the order of saves
+across a step, so it is the same under gradient accumulation, with activation
+checkpointing (tensors inside a checkpointed region are never packed by us: the
+checkpoint's own hooks are innermost there), and on every rank.
+
+Skipped (kept exact): weights -- parameters/buffers of the running module, their views
+and autocast copies (found through the autograd graph), anything an extra detector
+claims (ZeRO-3 / FSDP integrations register theirs) --, leaf tensors, non-float tensors
+other than masks, and tensors below ``min_numel``. A tensor saved by several ops (the
+input of q/k/v projections) is packed once and shared.
+"""
+from __future__ import annotations
+
+import hashlib
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from alam_dist import codec
+from alam_dist.codec import PackedTensor
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+# Autograd nodes that only view or cast their single input: a weight seen through them
+# is still a weight.
+_VIEW_OR_CAST = frozenset({
+    "ToCopyBackward0", "ViewBackward0", "TBackward0", "TransposeBackward0",
+    "PermuteBackward0", "ExpandBackward0", "UnsafeViewBackward0", "AliasBackward0",
+    "SliceBackward0", "SelectBackward0", "AsStridedBackward0", "ReshapeAliasBackward0",
+    "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1",
+})
+
+WeightDetector = Callable[[torch.Tensor], bool]
+
+
+@dataclass
+class Saved:
+    """What autograd holds instead of a compressed activation."""
+
+    key: str
+    packed: PackedTensor | None = None
+    exact: torch.Tensor | None = None  # record mode (probes) keeps the exact tensor
+
+    def __repr__(self) -> str:
+        return f"Saved({self.key!r}, {self.packed or 'exact'})"
+
+
+@dataclass
+class TensorInfo:
+    numel: int
+    raw_bits: int
+    dtype: str
+    module_type: str = ""
+
+
+@dataclass
+class StepStats:
+    """Saved-activation bytes of the forwards of one training step."""
+
+    raw_bytes: int = 0
+    packed_bytes: int = 0
+    exact_bytes: int = 0  # eligible activations kept exact (tiny ones, or plan says 32)
+    tensors: int = 0
+    deduplicated: int = 0
+    skipped_weights: int = 0
+    skipped_other: int = 0
+    forwards: int = 0
+    per_key_bytes: dict[str, int] = field(default_factory=dict)
+
+
+def storage_ptr(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+        return -1
+
+
+class SavedTensorPolicy:
+    """Owns the module hooks and the pack/unpack functions. Modes:
+
+    * ``"compress"``: encode with ``bits_for(key)`` (training);
+    * ``"record"``: keep exact copies, return a compressed one for the probed key
+      (``probe_target``) -- GradNormVar probes (alam_dist.sensitivity);
+    * ``"off"``: plain autograd.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, min_numel: int = 1024, backend: str = "auto"):
+        self.model = model
+        self.min_numel = min_numel
+        self.backend = backend
+        self.mode = "compress"
+        self.bits_for: Callable[[str, torch.Tensor], float] = lambda key, t: 32
+        self.seed_for: Callable[[str], int] = lambda key: 0
+        self.probe_target: tuple[str, float, int] | None = None
+        self.weight_detectors: list[WeightDetector] = []
+        self.seen: dict[str, TensorInfo] = {}
+        self.stats = StepStats()
+        self._handles: list = []
+        self._names: dict[int, str] = {}
+        self._types: dict[str, str] = {}
+        self._stack: list[list] = []  # frames: [name, call, next ordinal, param shapes]
+        self._calls: dict[str, int] = {}
+        self._weight_ptrs: dict[int, int] = {}
+        self._dedup: dict[tuple, tuple[weakref.ref, Saved]] = {}
+        self._hooks_ctx = None
+
+    # -- installation -------------------------------------------------------------------
+    def install(self) -> None:
+        if self._handles:
+            return
+        for name, module in self.model.named_modules():
+            self._names[id(module)] = name
+            self._types[name] = type(module).__name__
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook))
+            self._handles.append(module.register_forward_hook(self._post_hook, always_call=True))
+
+    def uninstall(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._exit_context()
+        self._stack.clear()
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._handles)
+
+    # -- module tracking ----------------------------------------------------------------
+    def _pre_hook(self, module, args):
+        if not self._stack:
+            if torch._C._current_graph_task_id() != -1:
+                return  # a forward run by backward (checkpoint recompute): not ours
+            self._begin_forward()
+        name = self._names.get(id(module), "?")
+        call = self._calls.get(name, 0)
+        self._calls[name] = call + 1
+        self._stack.append([name, call, 0, {tuple(q.shape) for q in module._parameters.values()
+                                            if q is not None}])
+        for p in list(module._parameters.values()) + list(module._buffers.values()):
+            if p is not None and p.numel() > 0:
+                ptr = storage_ptr(p)
+                self._weight_ptrs[ptr] = self._weight_ptrs.get(ptr, 0) + 1
+
+    def _post_hook(self, module, args, output):
+        if not self._stack:
+            return
+        self._stack.pop()
+        for p in list(module._parameters.values()) + list(module._buffers.values()):
+            if p is not None and p.numel() > 0:
+                ptr = storage_ptr(p)
+                left = self._weight_ptrs.get(ptr, 0) - 1
+                if left > 0:
+                    self._weight_ptrs[ptr] = left
+                else:
+                    self._weight_ptrs.pop(ptr, None)
+        if not self._stack:
+            self._exit_context()
+
+    def _begin_forward(self) -> None:
+        self._calls.clear()
+        self._weight_ptrs.clear()
+        self._dedup.clear()
+        self.stats.forwards += 1
+        if self.mode != "off":
+            self._hooks_ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+            self._hooks_ctx.__enter__()
+
+    def _exit_context(self) -> None:
+        if self._hooks_ctx is not None:
+            ctx, self._hooks_ctx = self._hooks_ctx, None
+            ctx.__exit__(None, None, None)
+
+    def current_key(self) -> str:
+        frame = self._stack[-1]
+        key = f"{frame[0] or '<root>'}/{frame[1]}.{frame[2]}"
+        frame[2] += 1
+        return key
+
+    # -- classification -----------------------------------------------------------------
+    def is_weight(self, t: torch.Tensor) -> bool:
+        if storage_ptr(t) in self._weight_ptrs:
+            return True
+        if t.is_leaf:
+            if t.requires_grad:
+                return True  # parameters and inputs that need grads: held elsewhere anyway
+            # A non-grad leaf is an activation of a no-grad path (masks, rotary tables)
+            # unless it is a frozen weight's autocast copy: same shape as a parameter of
+            # the running module.
+            return bool(self._stack) and tuple(t.shape) in self._stack[-1][3]
+        fn = t.grad_fn
+        for _ in range(6):
+            if fn is None:
+                break
+            if type(fn).__name__ == "AccumulateGrad":
+                return True
+            if fn.name() not in _VIEW_OR_CAST:
+                break
+            nexts = [f for f, _ in fn.next_functions if f is not None]
+            if len(nexts) != 1:
+                break
+            fn = nexts[0]
+        return any(detect(t) for detect in self.weight_detectors)
+
+    # -- the hooks ------------------------------------------------------------------------
+    def pack(self, t: torch.Tensor):
+        if not self._stack:
+            return t
+        key = self.current_key()
+        if self.is_weight(t):
+            self.stats.skipped_weights += 1
+            return t
+        is_mask = t.dtype == torch.bool
+        if not is_mask and (t.dtype not in _FLOATS or t.numel() < self.min_numel):
+            self.stats.skipped_other += 1
+            return t
+        # Ops often save a fresh *view* of a shared input (F.linear reshapes 3-D inputs), so
+        # identity is checked on the view's base, which stays alive while its users run;
+        # a dead base can never match, so a reused address cannot alias another tensor.
+        base = t._base if t._base is not None else t
+        dedup_key = (storage_ptr(t), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+                     t.dtype, t._version)
+        hit = self._dedup.get(dedup_key)
+        if hit is not None and hit[0]() is base:
+            self.stats.deduplicated += 1
+            return hit[1]
+        saved = self._pack_new(key, t, is_mask)
+        self._dedup[dedup_key] = (weakref.ref(base), saved)
+        return saved
+
+    def _pack_new(self, key: str, t: torch.Tensor, is_mask: bool) -> Saved:
+        raw = t.numel() * t.element_size()
+        self.stats.tensors += 1
+        self.stats.raw_bytes += raw
+        if not is_mask:
+            self.seen[key] = TensorInfo(t.numel(), t.element_size() * 8, str(t.dtype),
+                                        self._types.get(self._stack[-1][0], ""))
+        if self.mode == "record":
+            self.stats.exact_bytes += raw
+            return Saved(key, exact=t)
+        bits = 32 if is_mask else self.bits_for(key, t)
+        packed = codec.encode(t.detach(), bits, seed=self.seed_for(key), backend=self.backend)
+        if packed.format == "raw":
+            self.stats.exact_bytes += raw
+        self.stats.packed_bytes += packed.nbytes
+        self.stats.per_key_bytes[key] = self.stats.per_key_bytes.get(key, 0) + packed.nbytes
+        return Saved(key, packed=packed)
+
+    def recorded_exact(self) -> dict[str, torch.Tensor]:
+        """Key -> exact tensor of the last record-mode forward (for probe statistics)."""
+        return {s.key: s.exact for _, s in self._dedup.values() if s.exact is not None}
+
+    def unpack(self, saved):
+        if not isinstance(saved, Saved):
+            return saved
+        if saved.exact is not None:
+            target = self.probe_target
+            if target is not None and target[0] == saved.key:
+                return codec.decode(codec.encode(saved.exact, target[1], seed=target[2],
+                                                 backend=self.backend), backend=self.backend)
+            return saved.exact
+        return codec.decode(saved.packed, backend=self.backend)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of parameter names and full shapes (ZeRO-3 and FSDP shards report theirs)."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        shape = tuple(getattr(p, "ds_shape", None) or p.shape)
+        h.update(f"{name}:{shape};".encode())
+    return h.hexdigest()[:16]
+
+
+def key_seed(base: int, *parts) -> int:
+    """A stable 64-bit seed from a base seed and any parts (never Python's salted hash)."""
+    body = "|".join(str(p) for p in (base, *parts)).encode()
+    return int.from_bytes(hashlib.blake2b(body, digest_size=8).digest(), "little")

@@ -1,0 +1,180 @@
+"""GradNormVar: how much compressing one saved tensor perturbs the gradient.
+
+For saved tensor ``i``, compress only ``i`` (others exact) and look at the vector of
+gradient L2 norms (per parameter row by default, see :func:`grad_norms`): ``n_s`` and ``n_s1`` with average quantization under two
+seeds, ``n8`` at 8 bits. Then
+
+    sens_i = max(|n_s - n_s1|^2, 2 * max(|n_s - n8|^2, |n_s1 - n8|^2))
+
+Cost: one forward serves every probe -- the forward is recorded with exact copies and
+``unpack`` returns a compressed copy only for the probed key -- and each probe is three
+backward passes with ``retain_graph=True``. Probes are independent :class:`ProbeJob`s,
+so a distributed caller can run a share of them per rank and gather the results.
+
+Nothing of training is disturbed: gradients come from ``torch.autograd.grad`` (``.grad``
+untouched, and restored anyway in case the closure zeroes it), the CPU and CUDA RNG
+states, module buffers (e.g. BatchNorm statistics) and train/eval flags are restored.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from alam_dist import codec
+from alam_dist.policy import SavedTensorPolicy
+
+AQ, Q8 = 0.5, 8
+
+
+@dataclass(frozen=True)
+class ProbeJob:
+    key: str
+    index: int  # position in the sorted key list: what rank-sharding splits on
+
+
+@dataclass
+class ProbeResult:
+    key: str
+    sensitivity: float
+    backward_passes: int
+    seconds: float
+    error_ratio: dict[float, float] = field(default_factory=dict)
+    """Activation MSE of each compressed format relative to average quantization, measured
+    on this tensor: scales ``sensitivity`` (measured at AQ) to the other formats."""
+
+
+@contextlib.contextmanager
+def preserved_training_state(model: torch.nn.Module,
+                             params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Restore .grad, RNG (CPU + every CUDA device), buffers and train flags on exit."""
+    grads = [p.grad for p in params]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    modes = [(m, m.training) for m in model.modules()]
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            for p, g in zip(params, grads):
+                p.grad = g
+            with torch.no_grad():
+                for b, copy in buffers:
+                    b.copy_(copy)
+            for m, mode in modes:
+                m.train(mode)
+
+
+@contextlib.contextmanager
+def captured_backward() -> Iterator[list[torch.Tensor]]:
+    """Within the block, ``tensor.backward()`` records the tensor instead of running.
+
+    Lets a seed-style closure (forward, ``zero_grad``, ``loss.backward()``) serve as the
+    probe's forward: the loss is captured, no gradient is computed or accumulated.
+    """
+    captured: list[torch.Tensor] = []
+    original = torch.Tensor.backward
+
+    def capture(self, *args, **kwargs):
+        captured.append(self)
+
+    torch.Tensor.backward = capture
+    try:
+        yield captured
+    finally:
+        torch.Tensor.backward = original
+
+
+def record_forward(policy: SavedTensorPolicy, closure: Callable[[], object]) -> torch.Tensor:
+    """Run the closure's forward in record mode and return its (scalar) loss."""
+    previous = policy.mode
+    policy.mode = "record"
+    try:
+        with captured_backward() as captured:
+            out = closure()
+    finally:
+        policy.mode = previous
+    loss = out if isinstance(out, torch.Tensor) else (captured[-1] if captured else None)
+    if loss is None:
+        raise RuntimeError("the probe closure neither returned a loss tensor nor called "
+                           "loss.backward(); return the loss from the closure")
+    if loss.numel() != 1:
+        loss = loss.sum()
+    return loss
+
+
+def grad_norms(loss: torch.Tensor, params: list[torch.nn.Parameter],
+               granularity: str = "row") -> torch.Tensor:
+    """The vector GradNormVar compares: L2 norms of the parameter gradients.
+
+    ``"param"``: one norm per parameter (the reference code). ``"row"`` (default): one
+    per output row of each parameter (per element for 1-D ones). Still a vector of L2
+    norms, O(rows) memory, but it also moves when a compressed activation turns the
+    gradient without changing whole-parameter norms -- e.g. average quantization of a
+    final RMSNorm input, which the per-parameter statistic misses (docs/controller.md).
+    """
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    parts = []
+    for p, g in zip(params, grads):
+        g = (g if g is not None else torch.zeros_like(p)).detach().float()
+        if granularity == "param":
+            parts.append(g.norm().reshape(1))
+        elif g.dim() >= 2:
+            parts.append(g.reshape(g.shape[0], -1).norm(dim=1))
+        else:
+            parts.append(g.abs().reshape(-1))
+    return torch.cat(parts).double()
+
+
+def gradnormvar(n_s: torch.Tensor, n_s1: torch.Tensor, n8: torch.Tensor) -> float:
+    between_seeds = float((n_s - n_s1).pow(2).sum())
+    against_8bit = max(float((n_s - n8).pow(2).sum()), float((n_s1 - n8).pow(2).sum()))
+    return max(between_seeds, 2.0 * against_8bit)
+
+
+class ProbeRound:
+    """One recorded forward; then :meth:`run` any of its jobs (3 backward passes each)."""
+
+    def __init__(self, policy: SavedTensorPolicy, loss: torch.Tensor,
+                 params: list[torch.nn.Parameter], seed: int,
+                 formats: tuple[float, ...] = (8, 4, 2), granularity: str = "row"):
+        self.policy, self.loss, self.params, self.seed = policy, loss, params, seed
+        self.granularity = granularity
+        self.formats = tuple(f for f in formats if f < 16 and f != AQ)
+        self.keys = sorted(policy.seen)
+        self._exact = policy.recorded_exact()
+
+    def error_ratio(self, key: str) -> dict[float, float]:
+        """MSE(format) / MSE(AQ) of this tensor's own values (1 encode+decode per format)."""
+        x = self._exact.get(key)
+        if x is None:
+            return {}
+        xf = x.detach().float()
+
+        def mse(fmt: float) -> float:
+            y = codec.decode(codec.encode(x.detach(), fmt, seed=self.seed, backend=self.policy.backend),
+                             backend=self.policy.backend)
+            return float((y.float() - xf).pow(2).mean())
+
+        base = mse(AQ)
+        if base <= 0.0:
+            return {f: 0.0 for f in self.formats}
+        return {f: mse(f) / base for f in self.formats}
+
+    def jobs(self) -> list[ProbeJob]:
+        return [ProbeJob(k, i) for i, k in enumerate(self.keys)]
+
+    def run(self, job: ProbeJob) -> ProbeResult:
+        start = time.perf_counter()
+        norms = []
+        for fmt, seed in ((AQ, self.seed), (AQ, self.seed + 1), (Q8, self.seed)):
+            self.policy.probe_target = (job.key, fmt, seed)
+            try:
+                norms.append(grad_norms(self.loss, self.params, self.granularity))
+            finally:
+                self.policy.probe_target = None
+        return ProbeResult(job.key, gradnormvar(*norms), 3, time.perf_counter() - start,
+                           self.error_ratio(job.key))
