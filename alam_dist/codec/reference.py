@@ -7,7 +7,7 @@ kernels. It runs on any device torch supports and is slow: int64 temporaries per
 Formats (``bits`` is the kernel code: 2, 4, 8, or 0 for average quantization):
   * values are split into groups of ``GROUP`` = 128; each group stores fp32 ``min`` and
     ``scale = (max - min) / (2**b - 1)`` in ``meta[g] = (min, scale)``;
-  * each value is stored as ``clamp(floor((x - min) / scale + u), 0, 2**b - 1)`` with
+  * each value is stored as ``clamp(floor((x - min) * (1 / scale) + u), 0, 2**b - 1)`` with
     ``u`` from :func:`hash_uniform` (stochastic rounding, unbiased), bit-packed with
     value ``i`` at bit ``(i % (8 // b)) * b`` of byte ``i // (8 // b)``;
   * average quantization first replaces every ``AQ_AVG`` = 4 consecutive values by their
@@ -111,9 +111,9 @@ def quantize(x: torch.Tensor, bits: int, seed: int) -> tuple[torch.Tensor, torch
     mx = vg.amax(dim=1)
     scale = (mx - mn) / levels
     bad = ~finite | ~torch.isfinite(scale)
-    div = torch.where(scale == 0, torch.ones_like(scale), scale)
+    inv = 1.0 / torch.where(scale == 0, torch.ones_like(scale), scale)
     u = hash_uniform(seed, torch.arange(ng * GROUP, device=x.device)).view(ng, GROUP)
-    q = torch.floor((vg - mn[:, None]) / div[:, None] + u)
+    q = torch.floor((vg - mn[:, None]) * inv[:, None] + u)
     q = torch.clamp(q, 0, levels)
     q = torch.where(bad[:, None], torch.zeros_like(q), q)
     q = q.reshape(-1)[:m].to(torch.int32)

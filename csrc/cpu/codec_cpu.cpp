@@ -111,7 +111,9 @@ ALAM_MULTIVERSION void quantize_group(const float* v, int count, uint32_t k0, ui
   }
   meta[0] = mn;
   meta[1] = scale;
-  const float div = scale == 0.0f ? 1.0f : scale;  // constant group: every q is 0
+  // One reciprocal per group, then a multiply per value: as deterministic as a divide
+  // (all backends do exactly this) and several times cheaper.
+  const float inv = 1.0f / (scale == 0.0f ? 1.0f : scale);  // constant group: q is 0
   const uint32_t hi_key = (uint32_t)(first_index >> 32) ^ k1;
   const uint32_t lo0 = (uint32_t)(first_index & 0xFFFFFFFFu);
   uint8_t q[G];
@@ -120,7 +122,7 @@ ALAM_MULTIVERSION void quantize_group(const float* v, int count, uint32_t k0, ui
     const float u = alam_hash_uniform_lo(k0, hi_key, lo0 + (uint32_t)j);
     // (v - mn) >= 0 and u >= 0, so truncation is floor here (and vectorises; floorf
     // does not without -fno-trapping-math).
-    const int r = (int)((v[j] - mn) / div + u);
+    const int r = (int)((v[j] - mn) * inv + u);
     q[j] = (uint8_t)(r < levels ? r : levels);
   }
   for (int j = count; j < G; ++j) q[j] = 0;

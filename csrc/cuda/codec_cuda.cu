@@ -75,7 +75,7 @@ __global__ void quantize_kernel(const void* x, int dtype, int64_t n, bool aq,
     meta[2 * g] = bad ? __int_as_float(0x7FC00000) : mn;
     meta[2 * g + 1] = bad ? __int_as_float(0x7FC00000) : scale;
   }
-  const float div = scale == 0.0f ? 1.0f : scale;
+  const float inv = __fdiv_rn(1.0f, scale == 0.0f ? 1.0f : scale);
   uint32_t packed = 0;  // kPerLane * BITS bits: 1, 2 or 4 bytes
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
@@ -83,7 +83,7 @@ __global__ void quantize_kernel(const void* x, int dtype, int64_t n, bool aq,
     uint32_t q = 0;
     if (j < values && !bad) {
       const float u = alam_hash_uniform(k0, k1, (uint64_t)j);
-      float r = floorf(__fadd_rn(__fdiv_rn(__fsub_rn(v[k], mn), div), u));
+      float r = floorf(__fadd_rn(__fmul_rn(__fsub_rn(v[k], mn), inv), u));
       r = fminf(fmaxf(r, 0.0f), (float)levels);
       q = (uint32_t)r;
     }
