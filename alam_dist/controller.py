@@ -51,8 +51,15 @@ class Collective:
         """Every rank's results, identical on all ranks."""
         return results
 
-    def check_plan(self, plan: Plan) -> None:
-        """Raise if ranks hold different plans."""
+    def gather_inventory(self, seen: dict) -> dict:
+        """Every rank's saved-tensor inventory merged, identical on all ranks."""
+        return dict(sorted(seen.items()))
+
+    def check_plan(self, plan: Plan | None, error: Exception | None = None) -> None:
+        """Raise if ranks hold different plans, or if any rank failed to get one
+        (``error``): on every rank, so that none waits forever in a collective."""
+        if error is not None:
+            raise error
 
 
 @dataclass
@@ -94,6 +101,7 @@ class Controller:
         self.plan: Plan | None = None
         self.probe_cost = ProbeCost()
         self._last_stats = None
+        self._last_probe: tuple | None = None
         self._fingerprint = model_fingerprint(model)
         self._default_bits = _uniform_bits(self.config.bits, self.config.ladder)
         self._mismatch_warned: set[str] = set()
@@ -150,7 +158,15 @@ class Controller:
         self.plan = plan
 
     def load_plan(self, path: str) -> Plan:
-        self.set_plan(Plan.load(path))
+        plan, error = None, None
+        try:
+            plan = Plan.load(path)
+            plan.check_model(self._fingerprint)
+        except (OSError, ValueError, PlanMismatchError) as err:
+            error = err
+        # Every rank reaches the collective check, holding its plan or its error.
+        self.collective.check_plan(plan, error)
+        self.plan = plan
         log.info("alam_dist: loaded bit plan %s (%d tensors, %.3f bits)", path,
                  len(self.plan.bits), self.plan.average_bits())
         return self.plan
@@ -175,22 +191,24 @@ class Controller:
             self.policy.stats = type(stats_before)()
             self.policy.seen.clear()
             loss = record_forward(self.policy, closure)
+            # Jobs come from the merged inventory so that job indices agree on all ranks.
+            seen = self.collective.gather_inventory(dict(self.policy.seen))
             probe_round = ProbeRound(self.policy, loss, params, seed, self.config.ladder,
-                                     self.config.probe_granularity)
+                                     self.config.probe_granularity, keys=list(seen))
             jobs = probe_round.jobs()
-            mine = self.collective.my_jobs(jobs)
+            mine = [j for j in self.collective.my_jobs(jobs) if j.key in self.policy.seen]
             local = [probe_round.run(job) for job in mine]
-            seen = dict(self.policy.seen)
             del loss, probe_round
         self.policy.stats = stats_before
         results = self.collective.gather_results(local)
         sens = {r.key: r.sensitivity for r in results}
-        plan = allocate(sens, {k: v.numel for k, v in seen.items()},
-                        {k: v.raw_bits for k, v in seen.items()}, self.config.bits,
-                        self.config.ladder, self._fingerprint,
-                        error_ratio={r.key: r.error_ratio for r in results},
-                        floors={k: self.config.floor_for(k, v.module_type) for k, v in seen.items()})
-        self.set_plan(plan)
+        missing = sorted(set(seen) - set(sens))
+        if missing:  # a key some rank saved but whose probe job nobody ran
+            raise PlanMismatchError(f"ranks saved different tensors in the probe forward "
+                                    f"(e.g. {missing[:3]}): the model's forward must take the "
+                                    "same path on every rank")
+        self._last_probe = (sens, seen, {r.key: r.error_ratio for r in results})
+        plan = self.reallocate(self.config.bits)
         elapsed = time.perf_counter() - start
         cost = self.probe_cost
         cost.rounds += 1
@@ -205,6 +223,19 @@ class Controller:
             plan.save(self.config.save_plan_path)
         log.info("alam_dist: probed %d/%d tensors in %.1fs; plan %.3f bits/element",
                  len(mine), len(jobs), elapsed, plan.average_bits())
+        return plan
+
+    def reallocate(self, budget: float) -> Plan:
+        """Allocate (and use) a plan for ``budget`` from the last probe round's statistics,
+        without probing again."""
+        if self._last_probe is None:
+            raise RuntimeError("reallocate() needs a probe round first (controller.probe)")
+        sens, seen, error_ratio = self._last_probe
+        plan = allocate(sens, {k: v.numel for k, v in seen.items()},
+                        {k: v.raw_bits for k, v in seen.items()}, budget,
+                        self.config.ladder, self._fingerprint, error_ratio=error_ratio,
+                        floors={k: self.config.floor_for(k, v.module_type) for k, v in seen.items()})
+        self.set_plan(plan)
         return plan
 
     # -- the training step ----------------------------------------------------------------

@@ -8,10 +8,11 @@ across a step, so it is the same under gradient accumulation, with activation
 checkpointing (tensors inside a checkpointed region are never packed by us: the
 checkpoint's own hooks are innermost there), and on every rank.
 
-Skipped (kept exact): weights -- parameters/buffers of the running module, their views
-and autocast copies (found through the autograd graph), anything an extra detector
-claims (ZeRO-3 / FSDP integrations register theirs) --, leaf tensors, non-float tensors
-other than masks, and tensors below ``min_numel``. A tensor saved by several ops (the
+Skipped (kept exact): weights -- parameters (leaves), their views and autocast copies
+(found by walking the autograd graph to AccumulateGrad), anything an extra detector
+claims --, every leaf tensor (inputs, frozen weights, and tensors built without grad such
+as additive attention masks, whose finfo.min entries must stay exact), non-float tensors
+other than bool masks (always bit-packed), and tensors below ``min_numel``. A tensor saved by several ops (the
 input of q/k/v projections) is packed once and shared.
 """
 from __future__ import annotations
@@ -104,9 +105,8 @@ class SavedTensorPolicy:
         self._handles: list = []
         self._names: dict[int, str] = {}
         self._types: dict[str, str] = {}
-        self._stack: list[list] = []  # frames: [name, call, next ordinal, param shapes]
+        self._stack: list[list] = []  # frames: [name, call index, next ordinal]
         self._calls: dict[str, int] = {}
-        self._weight_ptrs: dict[int, int] = {}
         self._dedup: dict[tuple, tuple[weakref.ref, Saved]] = {}
         self._hooks_ctx = None
 
@@ -140,31 +140,17 @@ class SavedTensorPolicy:
         name = self._names.get(id(module), "?")
         call = self._calls.get(name, 0)
         self._calls[name] = call + 1
-        self._stack.append([name, call, 0, {tuple(q.shape) for q in module._parameters.values()
-                                            if q is not None}])
-        for p in list(module._parameters.values()) + list(module._buffers.values()):
-            if p is not None and p.numel() > 0:
-                ptr = storage_ptr(p)
-                self._weight_ptrs[ptr] = self._weight_ptrs.get(ptr, 0) + 1
+        self._stack.append([name, call, 0])
 
     def _post_hook(self, module, args, output):
         if not self._stack:
             return
         self._stack.pop()
-        for p in list(module._parameters.values()) + list(module._buffers.values()):
-            if p is not None and p.numel() > 0:
-                ptr = storage_ptr(p)
-                left = self._weight_ptrs.get(ptr, 0) - 1
-                if left > 0:
-                    self._weight_ptrs[ptr] = left
-                else:
-                    self._weight_ptrs.pop(ptr, None)
         if not self._stack:
             self._exit_context()
 
     def _begin_forward(self) -> None:
         self._calls.clear()
-        self._weight_ptrs.clear()
         self._dedup.clear()
         self.stats.forwards += 1
         if self.mode != "off":
@@ -184,15 +170,15 @@ class SavedTensorPolicy:
 
     # -- classification -----------------------------------------------------------------
     def is_weight(self, t: torch.Tensor) -> bool:
-        if storage_ptr(t) in self._weight_ptrs:
-            return True
+        # Identity, never addresses: ZeRO-3 frees and re-gathers weight buffers, so an
+        # activation can land at a freed weight's address (a storage-pointer test made
+        # compression decisions, and so training, irreproducible).
         if t.is_leaf:
-            if t.requires_grad:
-                return True  # parameters and inputs that need grads: held elsewhere anyway
-            # A non-grad leaf is an activation of a no-grad path (masks, rotary tables)
-            # unless it is a frozen weight's autocast copy: same shape as a parameter of
-            # the running module.
-            return bool(self._stack) and tuple(t.shape) in self._stack[-1][3]
+            # Parameters, inputs, frozen weights and their autocast copies, and tensors
+            # built without grad (additive attention masks holding finfo.min, rotary
+            # tables): held elsewhere, or unsafe to quantize. Bool masks are packed before
+            # this check.
+            return True
         fn = t.grad_fn
         for _ in range(6):
             if fn is None:
@@ -212,12 +198,17 @@ class SavedTensorPolicy:
         if not self._stack:
             return t
         key = self.current_key()
-        if self.is_weight(t):
+        is_mask = t.dtype == torch.bool
+        if not is_mask and self.is_weight(t):
             self.stats.skipped_weights += 1
             return t
-        is_mask = t.dtype == torch.bool
         if not is_mask and (t.dtype not in _FLOATS or t.numel() < self.min_numel):
+            # Kept as is, but still activation memory: counted on both sides of the ratio.
+            nbytes = t.numel() * t.element_size()
             self.stats.skipped_other += 1
+            self.stats.raw_bytes += nbytes
+            self.stats.packed_bytes += nbytes
+            self.stats.exact_bytes += nbytes
             return t
         # Ops often save a fresh *view* of a shared input (F.linear reshapes 3-D inputs), so
         # identity is checked on the view's base, which stays alive while its users run;

@@ -140,11 +140,12 @@ class ProbeRound:
 
     def __init__(self, policy: SavedTensorPolicy, loss: torch.Tensor,
                  params: list[torch.nn.Parameter], seed: int,
-                 formats: tuple[float, ...] = (8, 4, 2), granularity: str = "row"):
+                 formats: tuple[float, ...] = (8, 4, 2), granularity: str = "row",
+                 keys: list[str] | None = None):
         self.policy, self.loss, self.params, self.seed = policy, loss, params, seed
         self.granularity = granularity
         self.formats = tuple(f for f in formats if f < 16 and f != AQ)
-        self.keys = sorted(policy.seen)
+        self.keys = sorted(policy.seen if keys is None else keys)
         self._exact = policy.recorded_exact()
 
     def error_ratio(self, key: str) -> dict[float, float]:

