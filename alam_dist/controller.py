@@ -175,11 +175,13 @@ class Controller:
     def probe_due(self) -> bool:
         return self.config.enabled and self.step in self.config.probe_steps_resolved()
 
-    def probe(self, closure: Callable[[], object]) -> Plan:
+    def probe(self, closure: Callable[[], object], *, forward_per_pass: bool = False) -> Plan:
         """Run one GradNormVar round with ``closure`` as the forward, allocate, set the plan.
 
         ``closure`` runs the model's forward and returns the loss (or calls
         ``loss.backward()``, which is intercepted). Training state is left untouched.
+        ``forward_per_pass`` re-runs the forward for every backward pass instead of
+        retaining one graph (ZeRO-3 re-partitions weights after each backward).
         """
         if not self.policy.installed:
             raise RuntimeError("install_hook() before probing")
@@ -193,8 +195,13 @@ class Controller:
             loss = record_forward(self.policy, closure)
             # Jobs come from the merged inventory so that job indices agree on all ranks.
             seen = self.collective.gather_inventory(dict(self.policy.seen))
+            refresh = (lambda: record_forward(self.policy, closure)) if forward_per_pass else None
+            if refresh is not None:
+                # the first forward only served the inventory and the error ratios
+                loss = loss.detach()
             probe_round = ProbeRound(self.policy, loss, params, seed, self.config.ladder,
-                                     self.config.probe_granularity, keys=list(seen))
+                                     self.config.probe_granularity, keys=list(seen),
+                                     forward=refresh)
             jobs = probe_round.jobs()
             mine = [j for j in self.collective.my_jobs(jobs) if j.key in self.policy.seen]
             local = [probe_round.run(job) for job in mine]
@@ -213,7 +220,7 @@ class Controller:
         cost = self.probe_cost
         cost.rounds += 1
         cost.jobs += len(mine)
-        cost.forward_passes += 1
+        cost.forward_passes += 1 + (sum(r.backward_passes for r in local) if forward_per_pass else 0)
         cost.backward_passes += sum(r.backward_passes for r in local)
         cost.seconds += elapsed
         cost.history.append({"step": self.step, "tensors": len(jobs), "jobs_this_rank": len(mine),

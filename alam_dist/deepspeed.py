@@ -112,7 +112,10 @@ class DeepSpeedALAM:
                         # backward bookkeeping (stage 0 refuses any backward but
                         # engine.backward; at stage 3 an extra engine forward + grad changes
                         # later steps); ZeRO-3's parameter gathering lives on the modules.
-                        ctl.probe(lambda: _loss_of(module(*args, **kwargs)))
+                        # ZeRO-3 re-partitions weights after each backward, so each
+                        # probe pass there gets its own forward.
+                        ctl.probe(lambda: _loss_of(module(*args, **kwargs)),
+                                  forward_per_pass=zero3)
                     finally:
                         self._in_probe = False
             return forward(*args, **kwargs)

@@ -107,7 +107,7 @@ def record_forward(policy: SavedTensorPolicy, closure: Callable[[], object]) -> 
 
 
 def grad_norms(loss: torch.Tensor, params: list[torch.nn.Parameter],
-               granularity: str = "row") -> torch.Tensor:
+               granularity: str = "row", retain_graph: bool = True) -> torch.Tensor:
     """The vector GradNormVar compares: L2 norms of the parameter gradients.
 
     ``"param"``: one norm per parameter (the reference code). ``"row"`` (default): one
@@ -116,7 +116,7 @@ def grad_norms(loss: torch.Tensor, params: list[torch.nn.Parameter],
     gradient without changing whole-parameter norms -- e.g. average quantization of a
     final RMSNorm input, which the per-parameter statistic misses (docs/controller.md).
     """
-    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
     parts = []
     for p, g in zip(params, grads):
         g = (g if g is not None else torch.zeros_like(p)).detach().float()
@@ -141,8 +141,13 @@ class ProbeRound:
     def __init__(self, policy: SavedTensorPolicy, loss: torch.Tensor,
                  params: list[torch.nn.Parameter], seed: int,
                  formats: tuple[float, ...] = (8, 4, 2), granularity: str = "row",
-                 keys: list[str] | None = None):
+                 keys: list[str] | None = None,
+                 forward: Callable[[], torch.Tensor] | None = None):
         self.policy, self.loss, self.params, self.seed = policy, loss, params, seed
+        # With ``forward``, every backward pass gets a fresh recorded forward instead of
+        # retaining one graph: needed where weights are re-partitioned after each
+        # backward (ZeRO-3), at the cost of one forward per pass.
+        self.forward = forward
         self.granularity = granularity
         self.formats = tuple(f for f in formats if f < 16 and f != AQ)
         self.keys = sorted(policy.seen if keys is None else keys)
@@ -172,10 +177,13 @@ class ProbeRound:
         start = time.perf_counter()
         norms = []
         for fmt, seed in ((AQ, self.seed), (AQ, self.seed + 1), (Q8, self.seed)):
+            loss = self.loss if self.forward is None else self.forward()
             self.policy.probe_target = (job.key, fmt, seed)
             try:
-                norms.append(grad_norms(self.loss, self.params, self.granularity))
+                norms.append(grad_norms(loss, self.params, self.granularity,
+                                        retain_graph=self.forward is None))
             finally:
                 self.policy.probe_target = None
+                del loss
         return ProbeResult(job.key, gradnormvar(*norms), 3, time.perf_counter() - start,
                            self.error_ratio(job.key))

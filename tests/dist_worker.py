@@ -32,7 +32,8 @@ def ds_config(sc: dict) -> dict:
     cfg = {
         "train_micro_batch_size_per_gpu": sc.get("micro_batch", 2),
         "gradient_accumulation_steps": sc.get("grad_accum", 1),
-        "zero_optimization": {"stage": sc.get("zero", 0)},
+        # persistence threshold 0: ZeRO-3 really partitions even this tiny model's weights
+        "zero_optimization": {"stage": sc.get("zero", 0), "stage3_param_persistence_threshold": 0},
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": 1.0,
         "steps_per_print": 10 ** 9,
@@ -85,7 +86,8 @@ def run(sc: dict, rank: int, world: int) -> dict:
                 ctl = engine.alam.controller
                 kept = ctl.plan
                 # as the integration probes: through the bare module
-                ctl.probe(lambda: engine.module(input_ids=x, labels=x).loss)
+                ctl.probe(lambda: engine.module(input_ids=x, labels=x).loss,
+                          forward_per_pass=engine.zero_optimization_stage() == 3)
                 ctl.set_plan(kept)
             loss = engine(input_ids=x, labels=x).loss
             engine.backward(loss)
