@@ -70,7 +70,8 @@ def run(budget: float | None, args) -> dict:
         loss = fwd()
         opt.zero_grad()
         loss.backward()
-        losses.append(float(loss.detach()))
+        if not ctl.policy.mode == "record":  # the probe's forward is not a training step
+            losses.append(float(loss.detach()))
 
     for _ in range(args.steps):
         ctl.iterate(backprop)
