@@ -24,7 +24,6 @@ import torch  # noqa: E402
 
 import deepspeed  # noqa: E402
 import alam_dist.deepspeed as ads  # noqa: E402
-from alam_dist import Plan  # noqa: E402
 from tests.helpers import tiny_llama, token_batch  # noqa: E402
 
 

@@ -304,3 +304,20 @@ def test_allocation_is_deterministic_and_within_budget():
     # more sensitive tensors never get fewer bits than less sensitive ones of equal size
     eq = allocate({"a": 10.0, "b": 1.0, "c": 0.1}, dict.fromkeys("abc", 4096), dict.fromkeys("abc", 32), 2)
     assert eq.bits["a"] >= eq.bits["b"] >= eq.bits["c"]
+
+
+def test_reallocate_replans_from_the_last_probe_without_probing():
+    x = token_batch(2, 32)
+    model = tiny_llama(seed=8)
+    with Controller(model, config=ALAMConfig(bits=4)) as ctl:
+        with pytest.raises(RuntimeError, match="probe round first"):
+            ctl.reallocate(1)
+        four = ctl.probe(_loss_fn(model, x))
+        passes = ctl.probe_cost.backward_passes
+        one = ctl.reallocate(1)
+        assert ctl.probe_cost.backward_passes == passes and ctl.plan is one
+        assert one.average_bits() <= 1.0 + 1e-9 < four.average_bits() <= 4.0 + 1e-9
+        assert one.sensitivity == four.sensitivity
+        # the norm-input floor holds at any budget
+        norm_inputs = [k for k in one.bits if k.endswith("norm/0.0")]
+        assert norm_inputs and all(one.bits[k] >= 2 for k in norm_inputs)
