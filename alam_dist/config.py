@@ -72,7 +72,7 @@ class ALAMConfig:
                 raise ValueError(f"alam.probe_steps must be non-negative integers, got {self.probe_steps!r}")
             self.probe_steps = tuple(sorted(set(steps)))
         ladder = tuple(self.ladder)
-        allowed = tuple(b for b in ALLOWED_BITS)
+        allowed = ALLOWED_BITS
         bad = [b for b in ladder if b not in allowed]
         if bad or not ladder:
             raise ValueError(f"alam.ladder entries must come from {allowed}, got {list(ladder)}")

@@ -153,23 +153,26 @@ class Controller:
                         self.policy.stats.forwards, key)
 
     def set_plan(self, plan: Plan) -> None:
-        plan.check_model(self._fingerprint)
-        self.collective.check_plan(plan)
-        self.plan = plan
+        self._adopt(lambda: plan)
 
     def load_plan(self, path: str) -> Plan:
-        plan, error = None, None
-        try:
-            plan = Plan.load(path)
-            plan.check_model(self._fingerprint)
-        except (OSError, ValueError, PlanMismatchError) as err:
-            error = err
-        # Every rank reaches the collective check, holding its plan or its error.
-        self.collective.check_plan(plan, error)
-        self.plan = plan
+        self._adopt(lambda: Plan.load(path))
         log.info("alam_dist: loaded bit plan %s (%d tensors, %.3f bits)", path,
                  len(self.plan.bits), self.plan.average_bits())
         return self.plan
+
+    def _adopt(self, get_plan: Callable[[], Plan]) -> None:
+        """Get a plan, check it fits this model, then check it across ranks. Every rank
+        reaches the collective check holding its plan or its error, so a failure on one
+        rank raises on all of them instead of leaving the others waiting."""
+        plan, error = None, None
+        try:
+            plan = get_plan()
+            plan.check_model(self._fingerprint)
+        except (OSError, ValueError, PlanMismatchError) as err:
+            error = err
+        self.collective.check_plan(plan, error)
+        self.plan = plan
 
     # -- probing --------------------------------------------------------------------------
     def probe_due(self) -> bool:
@@ -217,14 +220,15 @@ class Controller:
         self._last_probe = (sens, seen, {r.key: r.error_ratio for r in results})
         plan = self.reallocate(self.config.bits)
         elapsed = time.perf_counter() - start
+        backward_passes = sum(r.backward_passes for r in local)
         cost = self.probe_cost
         cost.rounds += 1
         cost.jobs += len(mine)
-        cost.forward_passes += 1 + (sum(r.backward_passes for r in local) if forward_per_pass else 0)
-        cost.backward_passes += sum(r.backward_passes for r in local)
+        cost.forward_passes += 1 + (backward_passes if forward_per_pass else 0)
+        cost.backward_passes += backward_passes
         cost.seconds += elapsed
         cost.history.append({"step": self.step, "tensors": len(jobs), "jobs_this_rank": len(mine),
-                             "backward_passes": sum(r.backward_passes for r in local),
+                             "backward_passes": backward_passes,
                              "seconds": elapsed, "average_bits": plan.average_bits()})
         if self.config.save_plan_path and self.collective.rank == 0:
             plan.save(self.config.save_plan_path)

@@ -20,6 +20,7 @@ gradient-accumulation boundaries, and stores the plan in the engine's checkpoint
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -80,7 +81,6 @@ class DeepSpeedALAM:
 
     def __init__(self, engine, config: ALAMConfig):
         self.engine = engine
-        self.config = config
         collective = DistributedCollective() if torch.distributed.is_initialized() else None
         self.controller = Controller(engine.module, config=config, collective=collective)
         self.controller.install_hook()
@@ -148,7 +148,7 @@ class DeepSpeedALAM:
         ctl = self.controller
         return {"step": ctl.step, "probed": sorted(self._probed),
                 "plan": ctl.plan.to_dict() if ctl.plan else None,
-                "config": self.config.to_dict()}
+                "config": ctl.config.to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the plan and step: a resumed run does not re-probe steps already probed."""
@@ -160,7 +160,7 @@ class DeepSpeedALAM:
 
     def memory_report(self) -> dict:
         report = self.controller.memory_report()
-        report["probe_cost"] = vars(self.controller.probe_cost)
+        report["probe_cost"] = dataclasses.asdict(self.controller.probe_cost)
         return report
 
 

@@ -12,8 +12,8 @@ Skipped (kept exact): weights -- parameters (leaves), their views and autocast c
 (found by walking the autograd graph to AccumulateGrad), anything an extra detector
 claims --, every leaf tensor (inputs, frozen weights, and tensors built without grad such
 as additive attention masks, whose finfo.min entries must stay exact), non-float tensors
-other than bool masks (always bit-packed), and tensors below ``min_numel``. A tensor saved by several ops (the
-input of q/k/v projections) is packed once and shared.
+other than bool masks (always bit-packed), and tensors below ``min_numel``. A tensor
+saved by several ops (the input of q/k/v projections) is packed once and shared.
 """
 from __future__ import annotations
 
@@ -246,14 +246,18 @@ class SavedTensorPolicy:
         """Key -> exact tensor of the last record-mode forward (for probe statistics)."""
         return {s.key: s.exact for _, s in self._dedup.values() if s.exact is not None}
 
+    def round_trip(self, t: torch.Tensor, bits: float, seed: int) -> torch.Tensor:
+        """``t`` as training would see it after compression at ``bits``."""
+        return codec.decode(codec.encode(t.detach(), bits, seed=seed, backend=self.backend),
+                            backend=self.backend)
+
     def unpack(self, saved):
         if not isinstance(saved, Saved):
             return saved
         if saved.exact is not None:
             target = self.probe_target
             if target is not None and target[0] == saved.key:
-                return codec.decode(codec.encode(saved.exact, target[1], seed=target[2],
-                                                 backend=self.backend), backend=self.backend)
+                return self.round_trip(saved.exact, target[1], target[2])
             return saved.exact
         return codec.decode(saved.packed, backend=self.backend)
 

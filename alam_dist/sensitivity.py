@@ -24,7 +24,6 @@ from typing import Callable, Iterator
 
 import torch
 
-from alam_dist import codec
 from alam_dist.policy import SavedTensorPolicy
 
 AQ, Q8 = 0.5, 8
@@ -161,8 +160,7 @@ class ProbeRound:
         xf = x.detach().float()
 
         def mse(fmt: float) -> float:
-            y = codec.decode(codec.encode(x.detach(), fmt, seed=self.seed, backend=self.policy.backend),
-                             backend=self.policy.backend)
+            y = self.policy.round_trip(x, fmt, self.seed)
             return float((y.float() - xf).pow(2).mean())
 
         base = mse(AQ)
