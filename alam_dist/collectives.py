@@ -1,7 +1,9 @@
 """Rank-consistent ALAM over torch.distributed: the one module every integration uses.
 
 * probe jobs are split round-robin by key index (rank r runs jobs r, r+R, ...), so a
-  probe round costs each rank about 3*L/R backward passes instead of 3*L;
+  probe round costs each rank about 3*L/R backward passes instead of 3*L; where probe
+  passes are themselves collectives (ZeRO-3, FSDP), every rank runs ceil(L/R) jobs'
+  worth of passes, padding included, so the collectives of all ranks line up;
 * results and the inventory of saved tensors are all-gathered, so every rank allocates
   from identical inputs and gets the identical plan;
 * before a plan is used its digest is compared across ranks; a mismatch raises
@@ -36,6 +38,9 @@ class DistributedCollective(Collective):
 
     def my_jobs(self, jobs: list[ProbeJob]) -> list[ProbeJob]:
         return [j for j in jobs if j.index % self.world_size == self.rank]
+
+    def jobs_per_rank(self, n_jobs: int) -> int:
+        return -(-n_jobs // self.world_size)
 
     def gather_results(self, results: list[ProbeResult]) -> list[ProbeResult]:
         merged = {r.key: r for part in self._all_gather(results) for r in part}

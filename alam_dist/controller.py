@@ -47,6 +47,11 @@ class Collective:
         """The probe jobs this rank runs."""
         return jobs
 
+    def jobs_per_rank(self, n_jobs: int) -> int:
+        """The most jobs any rank gets out of ``n_jobs``: where probe passes are
+        collectives, every rank runs this many (padding the rest)."""
+        return n_jobs
+
     def gather_results(self, results: list[ProbeResult]) -> list[ProbeResult]:
         """Every rank's results, identical on all ranks."""
         return results
@@ -68,6 +73,9 @@ class ProbeCost:
     jobs: int = 0
     forward_passes: int = 0
     backward_passes: int = 0
+    padding_passes: int = 0
+    """Passes whose results are dropped: they keep a rank with fewer jobs in step with
+    the others' collectives (included in backward_passes)."""
     seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
 
@@ -178,13 +186,19 @@ class Controller:
     def probe_due(self) -> bool:
         return self.config.enabled and self.step in self.config.probe_steps_resolved()
 
-    def probe(self, closure: Callable[[], object], *, forward_per_pass: bool = False) -> Plan:
+    def probe(self, closure: Callable[[], object], *, forward_per_pass: bool = False,
+              collective_passes: bool = False) -> Plan:
         """Run one GradNormVar round with ``closure`` as the forward, allocate, set the plan.
 
         ``closure`` runs the model's forward and returns the loss (or calls
         ``loss.backward()``, which is intercepted). Training state is left untouched.
         ``forward_per_pass`` re-runs the forward for every backward pass instead of
         retaining one graph (ZeRO-3 re-partitions weights after each backward).
+        ``collective_passes`` says that every probe pass runs collectives (ZeRO-3 and FSDP
+        gather weights in forward and backward): then every rank runs the same number of
+        passes -- a rank with fewer jobs, or one whose forward did not save a job's
+        tensor, runs padding passes whose results are dropped -- so that no rank reaches
+        the result gather while another is still gathering weights.
         """
         if not self.policy.installed:
             raise RuntimeError("install_hook() before probing")
@@ -208,6 +222,10 @@ class Controller:
             jobs = probe_round.jobs()
             mine = [j for j in self.collective.my_jobs(jobs) if j.key in self.policy.seen]
             local = [probe_round.run(job) for job in mine]
+            padding = 0
+            if collective_passes:
+                for _ in range(self.collective.jobs_per_rank(len(jobs)) - len(mine)):
+                    padding += probe_round.run_padding()
             del loss, probe_round
         self.policy.stats = stats_before
         results = self.collective.gather_results(local)
@@ -220,15 +238,16 @@ class Controller:
         self._last_probe = (sens, seen, {r.key: r.error_ratio for r in results})
         plan = self.reallocate(self.config.bits)
         elapsed = time.perf_counter() - start
-        backward_passes = sum(r.backward_passes for r in local)
+        backward_passes = sum(r.backward_passes for r in local) + padding
         cost = self.probe_cost
         cost.rounds += 1
         cost.jobs += len(mine)
         cost.forward_passes += 1 + (backward_passes if forward_per_pass else 0)
         cost.backward_passes += backward_passes
+        cost.padding_passes += padding
         cost.seconds += elapsed
         cost.history.append({"step": self.step, "tensors": len(jobs), "jobs_this_rank": len(mine),
-                             "backward_passes": backward_passes,
+                             "backward_passes": backward_passes, "padding_passes": padding,
                              "seconds": elapsed, "average_bits": plan.average_bits()})
         if self.config.save_plan_path and self.collective.rank == 0:
             plan.save(self.config.save_plan_path)

@@ -106,18 +106,11 @@ class DeepSpeedALAM:
                 # due at step 0 waits for step 1 (step 0 trains on the default format).
                 if self._pending and not (zero3 and engine.global_steps == 0):
                     self._pending = False
-                    self._in_probe = True
-                    try:
-                        # The bare module, not the engine: engine outputs carry ZeRO's
-                        # backward bookkeeping (stage 0 refuses any backward but
-                        # engine.backward; at stage 3 an extra engine forward + grad changes
-                        # later steps); ZeRO-3's parameter gathering lives on the modules.
-                        # ZeRO-3 re-partitions weights after each backward, so each
-                        # probe pass there gets its own forward.
-                        ctl.probe(lambda: _loss_of(module(*args, **kwargs)),
-                                  forward_per_pass=zero3)
-                    finally:
-                        self._in_probe = False
+                    # The bare module, not the engine: engine outputs carry ZeRO's
+                    # backward bookkeeping (stage 0 refuses any backward but
+                    # engine.backward; at stage 3 an extra engine forward + grad changes
+                    # later steps); ZeRO-3's parameter gathering lives on the modules.
+                    self.probe(lambda: _loss_of(module(*args, **kwargs)))
             return forward(*args, **kwargs)
 
         def alam_step(*args, **kwargs):
@@ -143,6 +136,19 @@ class DeepSpeedALAM:
         engine.save_checkpoint = alam_save_checkpoint
         engine.load_checkpoint = alam_load_checkpoint
         engine.alam = self
+
+    def probe(self, closure) -> Plan:
+        """One probe round with ``closure`` (a forward of ``engine.module`` returning the
+        loss), as the integration runs it. ZeRO-3 re-partitions weights after each
+        backward, so each probe pass there gets its own forward, and every pass gathers
+        weights (a collective): ranks must run the same number of passes."""
+        zero3 = self.engine.zero_optimization_stage() == 3
+        self._in_probe = True
+        try:
+            return self.controller.probe(closure, forward_per_pass=zero3,
+                                         collective_passes=zero3)
+        finally:
+            self._in_probe = False
 
     def state_dict(self) -> dict:
         ctl = self.controller

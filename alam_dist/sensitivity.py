@@ -171,17 +171,29 @@ class ProbeRound:
     def jobs(self) -> list[ProbeJob]:
         return [ProbeJob(k, i) for i, k in enumerate(self.keys)]
 
+    PASSES = ((AQ, 0), (AQ, 1), (Q8, 0))
+    """A job's passes: (format, seed offset) of the probed tensor."""
+
+    def _pass(self, target: tuple[str, float, int] | None) -> torch.Tensor:
+        loss = self.loss if self.forward is None else self.forward()
+        self.policy.probe_target = target
+        try:
+            return grad_norms(loss, self.params, self.granularity,
+                              retain_graph=self.forward is None)
+        finally:
+            self.policy.probe_target = None
+            del loss
+
     def run(self, job: ProbeJob) -> ProbeResult:
         start = time.perf_counter()
-        norms = []
-        for fmt, seed in ((AQ, self.seed), (AQ, self.seed + 1), (Q8, self.seed)):
-            loss = self.loss if self.forward is None else self.forward()
-            self.policy.probe_target = (job.key, fmt, seed)
-            try:
-                norms.append(grad_norms(loss, self.params, self.granularity,
-                                        retain_graph=self.forward is None))
-            finally:
-                self.policy.probe_target = None
-                del loss
-        return ProbeResult(job.key, gradnormvar(*norms), 3, time.perf_counter() - start,
-                           self.error_ratio(job.key))
+        norms = [self._pass((job.key, fmt, self.seed + offset)) for fmt, offset in self.PASSES]
+        return ProbeResult(job.key, gradnormvar(*norms), len(self.PASSES),
+                           time.perf_counter() - start, self.error_ratio(job.key))
+
+    def run_padding(self) -> int:
+        """A job's passes with nothing compressed and the results dropped: the same
+        forwards and backwards (so the same collectives) as :meth:`run`. Returns the
+        number of passes."""
+        for _ in self.PASSES:
+            self._pass(None)
+        return len(self.PASSES)

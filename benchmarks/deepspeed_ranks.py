@@ -35,7 +35,7 @@ def _port() -> int:
 
 def run(ranks: int, zero: int, args) -> dict:
     base = {"zero": zero, "steps": args.steps, "seq": args.seq, "hidden": args.hidden,
-            "layers": args.layers, "micro_batch": args.micro_batch}
+            "layers": args.layers, "micro_batch": args.micro_batch, "attn": args.attn}
     probe_step = 1 if zero == 3 else 0  # ZeRO-3 runs the step-0 round at step 1
     scenarios = [dict(base, name="exact"),
                  dict(base, name="alam", alam={"bits": args.bits, "probe_steps": [0]})]
@@ -49,20 +49,24 @@ def run(ranks: int, zero: int, args) -> dict:
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
         res = {}
         for name in ("exact", "alam"):
-            path = Path(tmp) / f"{name}.rank0.json"
-            if not path.exists():
+            paths = [Path(tmp) / f"{name}.rank{r}.json" for r in range(ranks)]
+            if not all(p.exists() for p in paths):
                 raise RuntimeError(f"R={ranks} ZeRO-{zero} failed:\n{proc.stderr[-3000:]}")
-            res[name] = json.loads(path.read_text())
-            if "error" in res[name]:
-                raise RuntimeError(res[name]["traceback"])
-    exact, alam = res["exact"], res["alam"]
+            res[name] = [json.loads(p.read_text()) for p in paths]
+            for r in res[name]:
+                if "error" in r:
+                    raise RuntimeError(r["traceback"])
+    exact, alam = res["exact"][0], res["alam"][0]
     hist = alam["probe_cost"]["history"][0]
+    slowest = max(r["probe_cost"]["history"][0]["seconds"] for r in res["alam"])
     train_steps = [t for i, t in enumerate(alam["step_seconds"]) if i != probe_step]
     return {
         "ranks": ranks, "zero": zero, "tensors": hist["tensors"],
         "probe_jobs_per_rank": hist["jobs_this_rank"],
         "probe_backward_passes_per_rank": hist["backward_passes"],
+        "padding_passes_rank0": hist.get("padding_passes", 0),
         "probe_seconds": hist["seconds"],
+        "probe_seconds_slowest_rank": slowest,
         "step_s_exact": statistics.median(exact["step_seconds"][1:]),
         "step_s_alam": statistics.median(train_steps[1:] or train_steps),
         "saved_MB_raw_per_rank": alam["memory"]["saved_bytes_raw"] / 2**20,
@@ -81,6 +85,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
     rows = []

@@ -62,7 +62,8 @@ def full_param_checksum(engine) -> float:
 
 def run(sc: dict, rank: int, world: int) -> dict:
     torch.manual_seed(0)
-    model = tiny_llama(seed=0, layers=sc.get("layers", 2), hidden=sc.get("hidden", 128))
+    model = tiny_llama(seed=0, layers=sc.get("layers", 2), hidden=sc.get("hidden", 128),
+                       attn=sc.get("attn", "sdpa"))
     if sc.get("activation_checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     alam = sc.get("alam")
@@ -79,14 +80,14 @@ def run(sc: dict, rank: int, world: int) -> dict:
         start = time.perf_counter()
         step_loss = 0.0
         for micro in range(ga):
-            x = token_batch(sc.get("micro_batch", 2), sc.get("seq", 32), seed=1000 * rank + 10 * step + micro)
+            # ranks may get different sequence lengths (uneven work, as real data gives)
+            seq = sc["seq_per_rank"][rank] if "seq_per_rank" in sc else sc.get("seq", 32)
+            x = token_batch(sc.get("micro_batch", 2), seq, seed=1000 * rank + 10 * step + micro)
             if sc.get("extra_probe_at") == step and micro == 0:
                 # A probe round that does not adopt its plan: training must not change.
                 ctl = engine.alam.controller
                 kept = ctl.plan
-                # as the integration probes: through the bare module
-                ctl.probe(lambda: engine.module(input_ids=x, labels=x).loss,
-                          forward_per_pass=engine.zero_optimization_stage() == 3)
+                engine.alam.probe(lambda: engine.module(input_ids=x, labels=x).loss)
                 ctl.set_plan(kept)
             loss = engine(input_ids=x, labels=x).loss
             engine.backward(loss)

@@ -4,13 +4,14 @@ from __future__ import annotations
 import torch
 
 
-def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 128, vocab: int = 256):
+def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 128, vocab: int = 256,
+               attn: str = "sdpa"):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=256)
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = attn
     return LlamaForCausalLM(cfg)
 
 

@@ -30,8 +30,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(scenarios: list[dict], out: Path, launcher: str = "torchrun", timeout: int = 600) -> dict:
-    """Run the worker on 2 ranks; return {scenario: [rank0 result, rank1 result]}."""
+def launch(scenarios: list[dict], out: Path, launcher: str = "torchrun", timeout: int = 600,
+           nproc: int = 2) -> dict:
+    """Run the worker on ``nproc`` ranks; return {scenario: [result of rank 0, 1, ...]}."""
     spec = out / "scenarios.json"
     out.mkdir(parents=True, exist_ok=True)
     spec.write_text(json.dumps(scenarios))
@@ -40,16 +41,16 @@ def launch(scenarios: list[dict], out: Path, launcher: str = "torchrun", timeout
     port = str(_free_port())
     worker_args = [str(WORKER), "--out", str(out), "--scenarios", f"@{spec}"]
     if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", port, *worker_args]
     elif launcher == "deepspeed":
         hostfile = out / "hostfile"
-        hostfile.write_text("localhost slots=2\n")
+        hostfile.write_text(f"localhost slots={nproc}\n")
         cmd = [shutil.which("deepspeed") or "deepspeed", "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr", "127.0.0.1",
-               "--num_gpus", "2", "--master_port", port, *worker_args]
+               "--num_gpus", str(nproc), "--master_port", port, *worker_args]
     elif launcher == "mpirun":
         cmd = [shutil.which("mpirun") or "mpirun", "--allow-run-as-root", "--oversubscribe",
-               "-n", "2", "-x", "PYTHONPATH", "-x", "ALAM_TEST_LAUNCHER", "-x", "OMP_NUM_THREADS",
+               "-n", str(nproc), "-x", "PYTHONPATH", "-x", "ALAM_TEST_LAUNCHER", "-x", "OMP_NUM_THREADS",
                "-x", f"MASTER_PORT={port}", "-x", "MASTER_ADDR=127.0.0.1",
                sys.executable, *worker_args]
     else:
@@ -57,7 +58,7 @@ def launch(scenarios: list[dict], out: Path, launcher: str = "torchrun", timeout
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     results = {}
     for sc in scenarios:
-        files = [out / f"{sc['name']}.rank{r}.json" for r in range(2)]
+        files = [out / f"{sc['name']}.rank{r}.json" for r in range(nproc)]
         if not all(f.exists() for f in files):
             raise AssertionError(f"{launcher} run produced no result for {sc['name']} "
                                  f"(exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -191,3 +192,68 @@ def test_other_launchers(tmp_path, launcher):
     r0, r1 = ok(runs["z2"])
     assert r0["world"] == 2 and {r0["rank"], r1["rank"]} == {0, 1}
     assert r0["plan_digest"] == r1["plan_digest"]
+
+
+# -- uneven probe work: ZeRO-3 probe passes are collectives (weights are gathered) -----------
+# 2 ranks with an odd number of probed tensors (1 eager layer: 23 under ZeRO-3), and 3 ranks
+# with a count that is not a multiple of 3 (1 sdpa layer: 22), each rank with its own
+# sequence length. Without lockstep padding the rank with more jobs is still gathering
+# weights when the others gather results (gloo: "Received data size doesn't match").
+UNEVEN = {
+    "two_ranks": {"nproc": 2, "launcher": "torchrun", "layers": 1, "attn": "eager",
+                  "dtype": "bf16", "seq_per_rank": [32, 40]},
+    "three_ranks": {"nproc": 3, "launcher": "torchrun", "layers": 1, "attn": "sdpa",
+                    "dtype": "fp32", "seq_per_rank": [32, 48, 40]},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(UNEVEN))
+def uneven_runs(request, tmp_path_factory):
+    setup = UNEVEN[request.param]
+    out = tmp_path_factory.mktemp(request.param)
+    plan = out / "plan.json"
+    base = {"zero": 3, "steps": 3, "layers": setup["layers"], "attn": setup["attn"],
+            "dtype": setup["dtype"], "seq_per_rank": setup["seq_per_rank"]}
+    runs = launch([
+        # the integration's own round (step 0, deferred to step 1 under ZeRO-3)
+        dict(base, name="probed", alam={"bits": 2, "probe_steps": [0], "save_plan_path": str(plan)}),
+        # the plan it made, from file; then the same with an extra (unadopted) round
+        dict(base, name="loaded", alam={"bits": 2, "load_plan_path": str(plan)}),
+        dict(base, name="loaded_probing", extra_probe_at=1,
+             alam={"bits": 2, "load_plan_path": str(plan)}),
+    ], out, launcher=setup["launcher"], nproc=setup["nproc"], timeout=300)
+    return setup["nproc"], runs
+
+
+def test_uneven_probe_jobs_keep_ranks_in_lockstep(uneven_runs):
+    nproc, runs = uneven_runs
+    ranks = ok(runs["probed"])
+    assert len(ranks) == nproc
+    hist = [r["probe_cost"]["history"][0] for r in ranks]
+    tensors = hist[0]["tensors"]
+    assert tensors % nproc != 0, "the scenario must give ranks unequal job counts"
+    assert all(h["tensors"] == tensors for h in hist)
+    jobs = [h["jobs_this_rank"] for h in hist]
+    assert sum(jobs) == tensors and max(jobs) - min(jobs) == 1
+    # every rank ran the same number of passes; the ones with fewer jobs padded
+    per_job = 3
+    for h in hist:
+        assert h["backward_passes"] == per_job * -(-tensors // nproc)
+        assert h["padding_passes"] == per_job * (-(-tensors // nproc) - h["jobs_this_rank"])
+    # identical plan and parameters everywhere; training went on
+    assert len({r["plan_digest"] for r in ranks}) == 1
+    assert len({r["checksum"] for r in ranks}) == 1
+    for r in ranks:
+        assert all(l == l and l < 10 for l in r["losses"])
+    assert ranks[0]["losses"][-1] < ranks[0]["losses"][0]
+
+
+def test_uneven_probe_round_leaves_training_bit_identical(uneven_runs):
+    _, runs = uneven_runs
+    loaded, probing = ok(runs["loaded"]), ok(runs["loaded_probing"])
+    assert probing[0]["probe_cost"]["rounds"] == 1 and loaded[0]["probe_cost"]["rounds"] == 0
+    assert probing[0]["plan_digest"] == ok(runs["probed"])[0]["plan_digest"]
+    for a, b in zip(loaded, probing):
+        assert a["plan_digest"] == b["plan_digest"]
+        assert a["losses"] == b["losses"]
+        assert a["checksum"] == b["checksum"]
