@@ -9,8 +9,8 @@
 Neither module includes torch headers: they take raw addresses, so this build needs only
 pybind11 and a compiler, and pip's build isolation never installs torch.
 
-Environment: ALAM_CUDA_ARCH (default "75;80;90"), ALAM_NO_NATIVE, ALAM_NO_CUDA,
-ALAM_REQUIRE_CUDA.
+Environment: ALAM_CUDA_ARCH (default "75;80;90": machine code for each, plus PTX of the
+newest for later GPUs), ALAM_NO_NATIVE, ALAM_NO_CUDA, ALAM_REQUIRE_CUDA.
 """
 from __future__ import annotations
 
@@ -96,9 +96,14 @@ class BuildExt(build_ext):
 
     def _nvcc(self, cuda_home: Path, sources: list[str]) -> list[str]:
         archs = os.environ.get("ALAM_CUDA_ARCH", "75;80;90").replace(",", ";").split(";")
+        archs = [a.strip() for a in archs if a.strip()]
         gencode = []
-        for arch in filter(None, (a.strip() for a in archs)):
+        for arch in archs:
             gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+        # PTX of the newest architecture too: GPUs newer than every listed one (e.g.
+        # sm_100) JIT-compile it instead of failing with "no kernel image".
+        newest = max(archs, key=int)
+        gencode += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
         out_dir = Path(self.build_temp) / "cuda"
         out_dir.mkdir(parents=True, exist_ok=True)
         objects = []

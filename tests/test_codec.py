@@ -159,6 +159,58 @@ def test_nonfinite_values_poison_only_their_group(backend):
         assert torch.isfinite(y[:128]).all() and torch.isfinite(y[384:]).all()
 
 
+def _special_values(dtype, seed=0) -> torch.Tensor:
+    """Groups of 128 that are hard to get bit-identical: NaN, ±inf, all ±0 (with the sign
+    of zero mixed), denormals only, a denormal range beside 0, and ordinary values."""
+    g = torch.Generator().manual_seed(seed)
+    tiny = torch.finfo(dtype).smallest_normal
+    groups = [
+        torch.randn(128, generator=g),                       # ordinary
+        torch.where(torch.arange(128) == 5, float("nan"), 1.0),
+        torch.where(torch.arange(128) == 77, float("inf"), -2.0),
+        torch.where(torch.arange(128) == 0, float("-inf"), 3.0),
+        torch.full((128,), -0.0),                            # all -0
+        torch.where(torch.arange(128) % 3 == 0, -0.0, 0.0),  # ±0 mixed, -0 first
+        torch.where(torch.arange(128) % 3 == 0, 0.0, -0.0),  # ±0 mixed, +0 first
+        torch.rand(128, generator=g) * tiny * 0.5,           # denormals only
+        torch.where(torch.arange(128) % 2 == 0, 0.0, tiny * 0.25),
+        torch.randn(128, generator=g) * 1e-3,
+    ]
+    return torch.cat(groups).to(dtype)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("bits", QBITS)
+def test_special_values_are_bit_identical_across_backends(dtype, bits):
+    """NaN/inf groups, signed zeros and denormal-only groups: same bytes, same metadata
+    bits, same decoded bits (one NaN pattern per dtype) on every CPU backend."""
+    # AQ averages 4 values per mean: stretch each 128-group so its means stay special
+    x = _special_values(dtype)
+    if bits == 0.5:
+        x = x.repeat_interleave(4)
+    for n in (x.numel(), x.numel() - 3):  # and a tail that is not a multiple of 4 or 128
+        ref = codec.encode(x[:n], bits, seed=21, backend="reference")
+        cpp = codec.encode(x[:n], bits, seed=21, backend="cpp")
+        assert torch.equal(ref.data, cpp.data), "payload"
+        assert torch.equal(_bits_view(ref.meta), _bits_view(cpp.meta)), "meta"
+        out_ref, out_cpp = codec.decode(ref, backend="reference"), codec.decode(cpp, backend="cpp")
+        assert torch.equal(_bits_view(out_ref), _bits_view(out_cpp)), "decode"
+    # the documented NaN pattern of each dtype, and no negative zero in the metadata
+    nan_bits = {torch.float32: 0x7FC00000, torch.bfloat16: 0x7FC0, torch.float16: 0x7E00}[dtype]
+    nan_out = _bits_view(out_ref)[torch.isnan(out_ref)]
+    assert nan_out.numel() > 0 and bool((nan_out == nan_bits).all())
+    meta_bits = _bits_view(ref.meta)
+    assert not bool((meta_bits == -2 ** 31).any()), "a -0.0 min or scale in the metadata"
+    # a denormal-only group (1/scale overflows) stays inside its range instead of
+    # collapsing to 0 (the C++ kernel's (int)inf once made every value 0)
+    if bits != 0.5 and dtype == torch.float32:
+        den, y = x[128 * 7:128 * 8], out_ref[128 * 7:128 * 8]
+        step = float(ref.meta[7, 1])  # denormal arithmetic rounds: one step of slack
+        assert bool((y >= den.min() - step).all() and (y <= den.max() + step).all())
+        assert bool((y > 0).all())
+
+
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_cpp)])
 def test_empty_and_non_contiguous_inputs(backend):
     for bits in QBITS:
@@ -232,3 +284,91 @@ def test_cuda_masks():
         p = codec.encode(x, 2, backend="cuda")
         assert torch.equal(p.data.cpu(), reference.pack_mask(x.cpu()))
         assert torch.equal(codec.decode(p, backend="cuda"), x)
+
+
+def test_decode_rejects_packed_tensors_it_did_not_make():
+    from dataclasses import replace
+    x = _sample(1000, torch.bfloat16)
+    p = codec.encode(x, 4, seed=1)
+    bad = {
+        "payload holds": replace(p, data=p.data[:-1]),
+        "meta holds": replace(p, meta=p.meta[:-1]),
+        "not contiguous": replace(p, data=torch.stack([p.data, p.data], 1)[:, 0]),
+        "dtype torch.int8": replace(p, data=p.data.view(torch.int8)),
+        "is on meta": replace(p, data=torch.empty_like(p.data, device="meta")),
+        "unknown format": replace(p, format="q3"),
+        "not a tensor": replace(p, meta=None),
+    }
+    for problem, packed in bad.items():
+        with pytest.raises(ValueError, match=problem):
+            codec.decode(packed)
+    m = codec.encode(torch.rand(100) > 0.5, 32)
+    with pytest.raises(ValueError, match="payload holds 12 elements, the format needs 13"):
+        codec.decode(replace(m, data=m.data[:12]))
+    assert torch.equal(codec.decode(p), codec.decode(replace(p)))  # a faithful copy decodes
+
+
+# -- CUDA: skipped without a device; scripts/gpu_check.sh runs them where one is lent --------
+def _assert_same_encoding(ref, dev, what):
+    assert torch.equal(ref.data, dev.data.cpu()), (what, "payload")
+    assert torch.equal(_bits_view(ref.meta), _bits_view(dev.meta.cpu())), (what, "meta")
+    assert torch.equal(_bits_view(codec.decode(ref, backend="reference")),
+                       _bits_view(codec.decode(dev, backend="cuda").cpu())), (what, "decode")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("bits", QBITS)
+def test_cuda_special_values_are_bit_identical(dtype, bits):
+    x = _special_values(dtype)
+    if bits == 0.5:
+        x = x.repeat_interleave(4)
+    for n in (x.numel(), x.numel() - 3):
+        ref = codec.encode(x[:n], bits, seed=21, backend="reference")
+        _assert_same_encoding(ref, codec.encode(x[:n].cuda(), bits, seed=21, backend="cuda"), n)
+
+
+@needs_cuda
+@pytest.mark.parametrize("bits", QBITS)
+def test_reference_backend_on_cuda_is_bit_identical(bits):
+    """The torch reference run on a CUDA tensor (divisions by tensors, not scalars)."""
+    for dtype in FLOATS:
+        x = _sample(5003, dtype, seed=4)
+        ref = codec.encode(x, bits, seed=5, backend="reference")
+        on_gpu = codec.encode(x.cuda(), bits, seed=5, backend="reference")
+        assert torch.equal(ref.data, on_gpu.data.cpu())
+        assert torch.equal(_bits_view(ref.meta), _bits_view(on_gpu.meta.cpu()))
+        assert torch.equal(_bits_view(codec.decode(ref, backend="reference")),
+                           _bits_view(codec.decode(on_gpu, backend="reference").cpu()))
+
+
+@needs_cuda
+def test_cuda_runs_on_a_side_stream():
+    x = _sample(1 << 20, torch.bfloat16, seed=2).cuda()
+    ref = codec.encode(x.cpu(), 2, seed=8, backend="reference")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        dev = codec.encode(x, 2, seed=8, backend="cuda")
+        y = codec.decode(dev, backend="cuda")
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    _assert_same_encoding(ref, dev, "side stream")
+    assert torch.equal(_bits_view(y.cpu()), _bits_view(codec.decode(ref, backend="reference")))
+
+
+@pytest.mark.skipif(not codec.available_backends()["cuda"] or torch.cuda.device_count() < 2,
+                    reason="needs 2 CUDA devices")
+def test_cuda_tensor_on_another_device_than_the_current_one():
+    x = _sample(100_003, torch.float16, seed=3)
+    ref = codec.encode(x, 4, seed=6, backend="reference")
+    with torch.cuda.device(0):
+        dev = codec.encode(x.to("cuda:1"), 4, seed=6, backend="cuda")
+        assert dev.data.device == torch.device("cuda:1")
+        _assert_same_encoding(ref, dev, "cuda:1 while cuda:0 is current")
+        assert torch.cuda.current_device() == 0
+
+
+@needs_cuda
+def test_cuda_device_check_reports_usable_kernels():
+    assert codec.cuda_unusable_reason(torch.device("cuda")) is None

@@ -21,13 +21,16 @@ give bit-identical results for the same seed.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from alam_dist import _native
 from alam_dist.codec import reference
 from alam_dist.codec.packed import PackedTensor
 
-__all__ = ["ALLOWED_BITS", "PackedTensor", "available_backends", "decode", "encode"]
+__all__ = ["ALLOWED_BITS", "PackedTensor", "available_backends", "cuda_unusable_reason", "decode",
+           "encode", "validate"]
 
 ALLOWED_BITS = (0.5, 2, 4, 8, 16, 32)
 """Valid ``bits`` values (plus ``1``, the seed code's alias for 0.5)."""
@@ -56,8 +59,36 @@ def available_backends() -> dict[str, bool]:
     return {
         "reference": True,
         "cpp": _native.cpu is not None,
-        "cuda": _native.cuda is not None and torch.cuda.is_available(),
+        "cuda": _native.cuda is not None and torch.cuda.is_available()
+        and cuda_unusable_reason(torch.device("cuda")) is None,
     }
+
+
+_CUDA_UNUSABLE: dict[int, str] = {}  # device index -> why the kernels cannot run there
+_CUDA_CHECKED: set[int] = set()
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def cuda_unusable_reason(device: torch.device) -> str | None:
+    """Why this build's CUDA kernels cannot run on ``device`` (None when they can).
+
+    Checked once per device, without launching anything: a GPU newer than every
+    embedded image whose PTX the driver cannot compile, or a driver older than the
+    CUDA runtime linked in, is found here instead of at the first launch in training.
+    """
+    if _native.cuda is None:
+        return f"alam_dist was installed without CUDA kernels ({_native.cuda_error})"
+    index = _device_index(device)
+    if index not in _CUDA_CHECKED:
+        code, message = _native.cuda.check_device(index)
+        if code:
+            _CUDA_UNUSABLE[index] = (f"the CUDA kernels cannot run on cuda:{index} "
+                                     f"({torch.cuda.get_device_name(index)}): {message}")
+        _CUDA_CHECKED.add(index)
+    return _CUDA_UNUSABLE.get(index)
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -65,7 +96,15 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
         if device.type == "cuda" and _native.cuda is not None:
-            return "cuda"
+            reason = cuda_unusable_reason(device)
+            if reason is None:
+                return "cuda"
+            if _device_index(device) not in _WARNED:
+                _WARNED.add(_device_index(device))
+                warnings.warn(f"alam_dist: {reason}; using the (slower) reference codec on "
+                              "this device. Rebuild with ALAM_CUDA_ARCH including this GPU's "
+                              "architecture, or update the NVIDIA driver.", stacklevel=3)
+            return "reference"
         if device.type == "cpu" and _native.cpu is not None:
             return "cpp"
         return "reference"
@@ -83,11 +122,21 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
                                "found (set CUDA_HOME), or use backend='reference'")
         if device.type != "cuda":
             raise ValueError(f"backend='cuda' runs on CUDA tensors; this one is on {device}")
+        reason = cuda_unusable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"backend='cuda': {reason}; use backend='auto' (falls back to "
+                               "the reference codec) or rebuild for this GPU")
     return backend
 
 
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+_WARNED: set[int] = set()
+
+
+def _cuda_target(device: torch.device) -> tuple[int, int]:
+    """(stream handle, device index): kernels run on the tensor's device, on that
+    device's current stream, whichever device is current in the caller."""
+    index = _device_index(device)
+    return torch.cuda.current_stream(index).cuda_stream, index
 
 
 def _is_mask(x: torch.Tensor) -> bool:
@@ -140,7 +189,7 @@ def encode(x: torch.Tensor, bits: float, *, seed: int = 0, backend: str = "auto"
         if resolved == "cpp":
             _native.cpu.quantize(*args)
         else:
-            _native.cuda.quantize(*args, _stream(device))
+            _native.cuda.quantize(*args, *_cuda_target(device))
     return PackedTensor(fmt, shape, dtype, device, payload, meta)
 
 
@@ -156,14 +205,55 @@ def _encode_mask(x, shape, dtype, device, backend) -> PackedTensor:
         if resolved == "cpp":
             _native.cpu.pack_mask(src.data_ptr(), n, payload.data_ptr())
         else:
-            _native.cuda.pack_mask(src.data_ptr(), n, payload.data_ptr(), _stream(device))
+            _native.cuda.pack_mask(src.data_ptr(), n, payload.data_ptr(), *_cuda_target(device))
     return PackedTensor("mask", shape, dtype, device, payload)
+
+
+def _check_buffer(what: str, t, dtype: torch.dtype, numel: int, packed: PackedTensor) -> None:
+    problem = None
+    if not isinstance(t, torch.Tensor):
+        problem = f"its {what} is a {type(t).__name__}, not a tensor"
+    elif t.dtype != dtype:
+        problem = f"its {what} has dtype {t.dtype}, expected {dtype}"
+    elif t.numel() != numel:
+        problem = f"its {what} holds {t.numel()} elements, the format needs {numel}"
+    elif t.device != packed.device:
+        problem = f"its {what} is on {t.device} but the PackedTensor says {packed.device}"
+    elif not t.is_contiguous():
+        problem = f"its {what} is not contiguous"
+    if problem:
+        raise ValueError(f"cannot decode {packed!r}: {problem}. Decode only what "
+                         "alam_dist.codec.encode returned, unmodified (move it with both "
+                         "data and meta, or re-encode on the new device)")
+
+
+def validate(packed: PackedTensor) -> None:
+    """Check that ``packed``'s buffers fit its format, shape and device (ValueError if
+    not): the kernels read raw pointers and would otherwise read out of bounds."""
+    fmt, n = packed.format, packed.numel
+    if fmt == "raw":
+        _check_buffer("data", packed.data, packed.dtype, n, packed)
+    elif fmt == "bf16":
+        _check_buffer("data", packed.data, torch.bfloat16, n, packed)
+    elif fmt == "mask":
+        _check_buffer("payload", packed.data, torch.uint8, (n + 7) // 8, packed)
+    elif fmt in _KERNEL_BITS:
+        if packed.dtype not in _FLOAT_CODES:
+            raise ValueError(f"cannot decode {packed!r}: dtype {packed.dtype} is not a "
+                             "quantizable float dtype")
+        kbits = _KERNEL_BITS[fmt]
+        _check_buffer("payload", packed.data, torch.uint8, reference.payload_bytes(n, kbits), packed)
+        _check_buffer("meta", packed.meta, torch.float32, 2 * reference.num_groups(n, kbits), packed)
+    else:
+        raise ValueError(f"cannot decode {packed!r}: unknown format {fmt!r} (known: "
+                         f"{sorted(_KERNEL_BITS) + ['bf16', 'mask', 'raw']})")
 
 
 def decode(packed: PackedTensor, *, backend: str = "auto") -> torch.Tensor:
     """Rebuild a tensor of ``packed``'s shape, dtype and device (contiguous)."""
     if not isinstance(packed, PackedTensor):
         raise TypeError(f"decode expects a PackedTensor, got {type(packed).__name__}")
+    validate(packed)
     fmt, n = packed.format, packed.numel
     if fmt == "raw":
         return packed.data
@@ -179,7 +269,7 @@ def decode(packed: PackedTensor, *, backend: str = "auto") -> torch.Tensor:
                 _native.cpu.unpack_mask(packed.data.data_ptr(), n, out.data_ptr())
             else:
                 _native.cuda.unpack_mask(packed.data.data_ptr(), n, out.data_ptr(),
-                                         _stream(packed.device))
+                                         *_cuda_target(packed.device))
         if packed.dtype == torch.bool:
             out = out.view(torch.bool)
         return out.view(packed.shape)
@@ -193,5 +283,5 @@ def decode(packed: PackedTensor, *, backend: str = "auto") -> torch.Tensor:
         if resolved == "cpp":
             _native.cpu.dequantize(*args)
         else:
-            _native.cuda.dequantize(*args, _stream(packed.device))
+            _native.cuda.dequantize(*args, *_cuda_target(packed.device))
     return out.view(packed.shape)

@@ -13,7 +13,15 @@ Formats (``bits`` is the kernel code: 2, 4, 8, or 0 for average quantization):
   * average quantization first replaces every ``AQ_AVG`` = 4 consecutive values by their
     mean (the tail by its own mean) and quantizes the means with 2 bits;
   * a constant group has scale 0 and decodes exactly; a group with NaN/inf stores NaN
-    metadata and decodes to NaN as a whole.
+    metadata and decodes to NaN as a whole, written as one explicit pattern per dtype
+    (:data:`NAN_BITS`), never whatever NaN the arithmetic or a cast happens to produce;
+  * a group's min and max are normalised with ``+ 0.0`` (so ``-0.0`` is stored as
+    ``+0.0``: which signed zero a min/max reduction returns is not reproducible);
+  * ``(x - min) * (1 / scale) + u`` is clamped in float before the integer conversion
+    (NaN -> 0, above range -> ``2**b - 1``): ``1 / scale`` overflows for denormal ranges.
+
+Divisions are tensor by tensor: on CUDA, torch divides by a Python scalar by
+multiplying with its reciprocal, which is not bit-identical to a division.
 """
 from __future__ import annotations
 
@@ -22,6 +30,24 @@ import torch
 GROUP = 128
 AQ_AVG = 4
 _M32 = 0xFFFFFFFF
+
+NAN_BITS = {torch.float32: 0x7FC00000, torch.bfloat16: 0x7FC0, torch.float16: 0x7E00}
+"""The one NaN bit pattern each backend writes for a NaN group (positive quiet NaN)."""
+_INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def _f32(value: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32, device=like.device)
+
+
+def with_nan_pattern(y: torch.Tensor, nan: torch.Tensor) -> torch.Tensor:
+    """``y`` with the elements flagged by ``nan`` set to its dtype's :data:`NAN_BITS`."""
+    view = y.view(_INT_VIEW[y.dtype])
+    pattern = NAN_BITS[y.dtype]
+    if pattern >= 1 << (8 * y.element_size() - 1):  # as the signed view stores it
+        pattern -= 1 << (8 * y.element_size())
+    view.masked_fill_(nan, pattern)
+    return y
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -84,12 +110,12 @@ def average(x: torch.Tensor) -> torch.Tensor:
     s = f[:, 0]
     for k in range(1, AQ_AVG):
         s = s + f[:, k]
-    means = s / AQ_AVG
+    means = s / _f32(AQ_AVG, x)
     if full < n:
         t = x[full]
         for k in range(full + 1, n):
             t = t + x[k]
-        means = torch.cat([means, (t / (n - full)).reshape(1)])
+        means = torch.cat([means, (t / _f32(n - full, x)).reshape(1)])
     return means
 
 
@@ -107,23 +133,26 @@ def quantize(x: torch.Tensor, bits: int, seed: int) -> tuple[torch.Tensor, torch
     pad = ng * GROUP - m
     vg = torch.cat([v, v[-1:].expand(pad)]).view(ng, GROUP)
     finite = torch.isfinite(vg).all(dim=1)
-    mn = vg.amin(dim=1)
-    mx = vg.amax(dim=1)
-    scale = (mx - mn) / levels
+    mn = vg.amin(dim=1) + 0.0
+    mx = vg.amax(dim=1) + 0.0
+    scale = (mx - mn) / _f32(levels, v)
     bad = ~finite | ~torch.isfinite(scale)
-    inv = 1.0 / torch.where(scale == 0, torch.ones_like(scale), scale)
+    ones = torch.ones_like(scale)
+    inv = ones / torch.where(scale == 0, ones, scale)
     u = hash_uniform(seed, torch.arange(ng * GROUP, device=x.device)).view(ng, GROUP)
-    q = torch.floor((vg - mn[:, None]) * inv[:, None] + u)
-    q = torch.clamp(q, 0, levels)
+    t = (vg - mn[:, None]) * inv[:, None] + u
+    # clamp in float: NaN (0 * inf) -> 0, inf -> levels; floor == truncation for t >= 0
+    t = torch.where(t > 0, t, torch.zeros_like(t))
+    t = torch.where(t < levels, t, torch.full_like(t, levels))
+    q = torch.floor(t)
     q = torch.where(bad[:, None], torch.zeros_like(q), q)
     q = q.reshape(-1)[:m].to(torch.int32)
     per_byte = 8 // b
     q = torch.cat([q, q.new_zeros(-m % per_byte)]).view(-1, per_byte)
     shifts = torch.arange(per_byte, device=x.device, dtype=torch.int32) * b
     payload = (q << shifts).sum(dim=1).to(torch.uint8)
-    nan = torch.full_like(mn, float("nan"))
-    meta = torch.stack([torch.where(bad, nan, mn), torch.where(bad, nan, scale)], dim=1)
-    return payload, meta
+    meta = torch.stack([mn, scale], dim=1)
+    return payload, with_nan_pattern(meta, bad[:, None].expand(ng, 2))
 
 
 def dequantize(payload: torch.Tensor, meta: torch.Tensor, n: int, bits: int,
@@ -140,10 +169,12 @@ def dequantize(payload: torch.Tensor, meta: torch.Tensor, n: int, bits: int,
     q = q.reshape(-1)
     q = torch.cat([q, q.new_zeros(ng * GROUP - q.numel())])[: ng * GROUP].view(ng, GROUP)
     y = q.to(torch.float32) * meta[:, 1:2] + meta[:, 0:1]
+    nan = torch.isnan(meta[:, 1:2]).expand(ng, GROUP).reshape(-1)[:m]
     y = y.reshape(-1)[:m]
     if bits == 0:
         y = y.repeat_interleave(AQ_AVG)[:n]
-    return y.to(dtype)
+        nan = nan.repeat_interleave(AQ_AVG)[:n]
+    return with_nan_pattern(y.to(dtype), nan)
 
 
 def pack_mask(x: torch.Tensor) -> torch.Tensor:

@@ -25,21 +25,28 @@ void check(int code, const char* what) {
 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "alam_dist CUDA codec kernels (raw-pointer ABI; see csrc/common/alam_codec.h)";
+  // Every call takes the tensor's device index and a stream of that device.
   m.def("quantize", [](uintptr_t x, int dtype, int64_t n, int bits, uint64_t seed,
-                       uintptr_t payload, uintptr_t meta, uintptr_t stream) {
+                       uintptr_t payload, uintptr_t meta, uintptr_t stream, int device) {
     check(alam_cuda_quantize(ptr<const void>(x), dtype, n, bits, seed, ptr<uint8_t>(payload),
-                             ptr<float>(meta), ptr<void>(stream)), "quantize");
+                             ptr<float>(meta), ptr<void>(stream), device), "quantize");
   });
   m.def("dequantize", [](uintptr_t payload, uintptr_t meta, int64_t n, int bits, int dtype,
-                         uintptr_t out, uintptr_t stream) {
+                         uintptr_t out, uintptr_t stream, int device) {
     check(alam_cuda_dequantize(ptr<const uint8_t>(payload), ptr<const float>(meta), n, bits, dtype,
-                               ptr<void>(out), ptr<void>(stream)), "dequantize");
+                               ptr<void>(out), ptr<void>(stream), device), "dequantize");
   });
-  m.def("pack_mask", [](uintptr_t x, int64_t n, uintptr_t payload, uintptr_t stream) {
-    check(alam_cuda_pack_mask(ptr<const uint8_t>(x), n, ptr<uint8_t>(payload), ptr<void>(stream)), "pack_mask");
+  m.def("pack_mask", [](uintptr_t x, int64_t n, uintptr_t payload, uintptr_t stream, int device) {
+    check(alam_cuda_pack_mask(ptr<const uint8_t>(x), n, ptr<uint8_t>(payload), ptr<void>(stream), device), "pack_mask");
   });
-  m.def("unpack_mask", [](uintptr_t payload, int64_t n, uintptr_t out, uintptr_t stream) {
-    check(alam_cuda_unpack_mask(ptr<const uint8_t>(payload), n, ptr<uint8_t>(out), ptr<void>(stream)), "unpack_mask");
+  m.def("unpack_mask", [](uintptr_t payload, int64_t n, uintptr_t out, uintptr_t stream, int device) {
+    check(alam_cuda_unpack_mask(ptr<const uint8_t>(payload), n, ptr<uint8_t>(out), ptr<void>(stream), device), "unpack_mask");
+  });
+  // (0, "") when the kernels can run on `device`, else (code, message): lets Python
+  // fall back before the first launch instead of failing inside training.
+  m.def("check_device", [](int device) {
+    const int code = alam_cuda_check_device(device);
+    return py::make_tuple(code, code ? std::string(alam_cuda_error_string(code)) : std::string());
   });
   m.def("payload_bytes", &alam_payload_bytes);
   m.def("num_groups", &alam_num_groups);

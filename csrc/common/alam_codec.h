@@ -55,7 +55,13 @@ ALAM_HD float alam_hash_uniform(uint32_t k0, uint32_t k1, uint64_t index) {
 }
 
 // bfloat16 <-> float as bit operations, identical on host and device. float -> bf16
-// rounds to nearest even and maps every NaN to 0x7FC0, as torch does.
+// rounds to nearest even and maps every NaN to 0x7FC0 (torch's own cast does not have
+// one pattern: it gives 0xFFFF on AVX2 CPUs, so the reference writes NaNs explicitly).
+//
+// NaN groups decode to one explicit pattern per dtype in every backend:
+#define ALAM_NAN_F32 0x7FC00000u
+#define ALAM_NAN_BF16 0x7FC0u
+#define ALAM_NAN_F16 0x7E00u
 ALAM_HD float alam_bf16_to_float(uint16_t h) {
   union { uint32_t u; float f; } c;
   c.u = (uint32_t)h << 16;
@@ -65,7 +71,7 @@ ALAM_HD float alam_bf16_to_float(uint16_t h) {
 ALAM_HD uint16_t alam_float_to_bf16(float f) {
   union { uint32_t u; float f; } c;
   c.f = f;
-  if ((c.u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  if ((c.u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)ALAM_NAN_BF16;
   c.u += 0x7FFFu + ((c.u >> 16) & 1u);
   return (uint16_t)(c.u >> 16);
 }
@@ -89,13 +95,18 @@ void alam_cpu_pack_mask(const uint8_t* x, int64_t n, uint8_t* payload);
 void alam_cpu_unpack_mask(const uint8_t* payload, int64_t n, uint8_t* out);
 int alam_cpu_num_threads(void);
 
-// CUDA kernels (csrc/cuda): same contracts, asynchronous on `stream` (a cudaStream_t).
+// CUDA kernels (csrc/cuda): same contracts, asynchronous on `stream` (a cudaStream_t of
+// `device`, which every call makes current for its duration and then restores).
+// Return a cudaError_t code (0 on success).
 int alam_cuda_quantize(const void* x, int dtype, int64_t n, int bits, uint64_t seed,
-                       uint8_t* payload, float* meta, void* stream);
+                       uint8_t* payload, float* meta, void* stream, int device);
 int alam_cuda_dequantize(const uint8_t* payload, const float* meta, int64_t n, int bits,
-                         int dtype, void* out, void* stream);
-int alam_cuda_pack_mask(const uint8_t* x, int64_t n, uint8_t* payload, void* stream);
-int alam_cuda_unpack_mask(const uint8_t* payload, int64_t n, uint8_t* out, void* stream);
+                         int dtype, void* out, void* stream, int device);
+int alam_cuda_pack_mask(const uint8_t* x, int64_t n, uint8_t* payload, void* stream, int device);
+int alam_cuda_unpack_mask(const uint8_t* payload, int64_t n, uint8_t* out, void* stream, int device);
+// 0 when this build's kernels can run on `device` (an image for its architecture or PTX
+// the driver can compile, and a new enough driver); the error code otherwise.
+int alam_cuda_check_device(int device);
 const char* alam_cuda_error_string(int code);
 
 #ifdef __cplusplus

@@ -37,7 +37,7 @@ inline uint16_t to_bf16(float f) {
   uint32_t u;
   memcpy(&u, &f, 4);
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0 : (uint16_t)rounded;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)ALAM_NAN_BF16 : (uint16_t)rounded;
 }
 
 template <int DT>
@@ -99,6 +99,9 @@ ALAM_MULTIVERSION void quantize_group(const float* v, int count, uint32_t k0, ui
     mn = v[j] < mn ? v[j] : mn;
     mx = v[j] > mx ? v[j] : mx;
   }
+  // Which signed zero a min/max reduction keeps depends on lane order: store +0.
+  mn = mn + 0.0f;
+  mx = mx + 0.0f;
   const float scale = (mx - mn) / (float)levels;
   const int nbytes = (count * BITS + 7) / 8;
   if (nonfinite || !isfinite(scale)) {
@@ -120,10 +123,14 @@ ALAM_MULTIVERSION void quantize_group(const float* v, int count, uint32_t k0, ui
 #pragma omp simd
   for (int j = 0; j < G; ++j) {
     const float u = alam_hash_uniform_lo(k0, hi_key, lo0 + (uint32_t)j);
-    // (v - mn) >= 0 and u >= 0, so truncation is floor here (and vectorises; floorf
-    // does not without -fno-trapping-math).
-    const int r = (int)((v[j] - mn) * inv + u);
-    q[j] = (uint8_t)(r < levels ? r : levels);
+    // Clamp in float before converting: 1/scale overflows to inf for a denormal range,
+    // giving inf (-> levels) or 0 * inf = NaN (-> 0); (int)inf would be INT_MIN. After
+    // the clamp t >= 0, so truncation is floor (and vectorises; floorf does not
+    // without -fno-trapping-math).
+    float t = (v[j] - mn) * inv + u;
+    t = t > 0.0f ? t : 0.0f;
+    t = t < (float)levels ? t : (float)levels;
+    q[j] = (uint8_t)(int)t;
   }
   for (int j = count; j < G; ++j) q[j] = 0;
   for (int b = 0; b < nbytes; ++b) {
@@ -203,7 +210,13 @@ void dequantize(const uint8_t* payload, const float* meta, int64_t n, void* out)
     alignas(64) float v[G];
     const int64_t first = g * G;
     const int count = (int)(values - first < G ? values - first : G);
-    dequantize_group<BITS>(payload + g * group_bytes, meta + 2 * g, count, v);
+    if (meta[2 * g + 1] != meta[2 * g + 1]) {
+      // A NaN group: the canonical quiet NaN, which every store<DT> turns into the
+      // dtype's documented pattern (f32 0x7FC00000, bf16 0x7FC0, f16 0x7E00).
+      for (int j = 0; j < G; ++j) v[j] = std::numeric_limits<float>::quiet_NaN();
+    } else {
+      dequantize_group<BITS>(payload + g * group_bytes, meta + 2 * g, count, v);
+    }
     store_group<DT, AQ>(v, n, first, count, out);
   }
 }

@@ -19,6 +19,18 @@ __device__ __forceinline__ float load(const void* x, int dtype, int64_t i) {
   return ((const float*)x)[i];
 }
 
+// A NaN group's value: one explicit pattern per dtype (csrc/common/alam_codec.h), not
+// the canonical NaN of CUDA arithmetic (0x7FFFFFFF) or of __float2half_rn (0x7FFF).
+__device__ __forceinline__ void store_nan(void* out, int dtype, int64_t i) {
+  if (dtype == ALAM_BF16) {
+    ((uint16_t*)out)[i] = (uint16_t)ALAM_NAN_BF16;
+  } else if (dtype == ALAM_F16) {
+    ((uint16_t*)out)[i] = (uint16_t)ALAM_NAN_F16;
+  } else {
+    ((uint32_t*)out)[i] = ALAM_NAN_F32;
+  }
+}
+
 __device__ __forceinline__ void store(void* out, int dtype, int64_t i, float v) {
   if (dtype == ALAM_BF16) {
     ((uint16_t*)out)[i] = alam_float_to_bf16(v);
@@ -68,12 +80,15 @@ __global__ void quantize_kernel(const void* x, int dtype, int64_t n, bool aq,
     mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, off));
   }
   finite = __all_sync(0xFFFFFFFFu, finite);
+  // Which signed zero fminf/fmaxf keep is unspecified: store +0 as every backend does.
+  mn = __fadd_rn(mn, 0.0f);
+  mx = __fadd_rn(mx, 0.0f);
   constexpr int levels = (1 << BITS) - 1;
   const float scale = __fdiv_rn(__fsub_rn(mx, mn), (float)levels);
   const bool bad = !finite || !isfinite(scale);
   if (lane == 0) {
-    meta[2 * g] = bad ? __int_as_float(0x7FC00000) : mn;
-    meta[2 * g + 1] = bad ? __int_as_float(0x7FC00000) : scale;
+    meta[2 * g] = bad ? __uint_as_float(ALAM_NAN_F32) : mn;
+    meta[2 * g + 1] = bad ? __uint_as_float(ALAM_NAN_F32) : scale;
   }
   const float inv = __fdiv_rn(1.0f, scale == 0.0f ? 1.0f : scale);
   uint32_t packed = 0;  // kPerLane * BITS bits: 1, 2 or 4 bytes
@@ -83,9 +98,11 @@ __global__ void quantize_kernel(const void* x, int dtype, int64_t n, bool aq,
     uint32_t q = 0;
     if (j < values && !bad) {
       const float u = alam_hash_uniform(k0, k1, (uint64_t)j);
-      float r = floorf(__fadd_rn(__fmul_rn(__fsub_rn(v[k], mn), inv), u));
-      r = fminf(fmaxf(r, 0.0f), (float)levels);
-      q = (uint32_t)r;
+      // Clamp in float before converting (NaN -> 0, inf -> levels), as every backend.
+      float t = __fadd_rn(__fmul_rn(__fsub_rn(v[k], mn), inv), u);
+      t = t > 0.0f ? t : 0.0f;
+      t = t < (float)levels ? t : (float)levels;
+      q = (uint32_t)floorf(t);
     }
     packed |= q << (k * BITS);
   }
@@ -105,6 +122,7 @@ __global__ void dequantize_kernel(const uint8_t* payload, const float* meta, int
   if (g >= groups) return;
   const int64_t first = g * ALAM_GROUP + lane * kPerLane;
   const float mn = meta[2 * g], scale = meta[2 * g + 1];
+  const bool nan_group = isnan(scale);
   constexpr int per_byte = 8 / BITS;
   constexpr uint32_t mask = (1u << BITS) - 1u;
 #pragma unroll
@@ -113,13 +131,15 @@ __global__ void dequantize_kernel(const uint8_t* payload, const float* meta, int
     if (j >= values) break;
     const uint32_t q = (payload[j / per_byte] >> ((j % per_byte) * BITS)) & mask;
     const float y = __fadd_rn(__fmul_rn((float)q, scale), mn);
-    if (!aq) {
-      store(out, dtype, j, y);
-      continue;
+    const int64_t start = aq ? j * ALAM_AQ_AVG : j;
+    const int64_t stop = aq ? (start + ALAM_AQ_AVG < n ? start + ALAM_AQ_AVG : n) : j + 1;
+    for (int64_t e = start; e < stop; ++e) {
+      if (nan_group) {
+        store_nan(out, dtype, e);
+      } else {
+        store(out, dtype, e, y);
+      }
     }
-    const int64_t start = j * ALAM_AQ_AVG;
-    const int64_t stop = start + ALAM_AQ_AVG < n ? start + ALAM_AQ_AVG : n;
-    for (int64_t e = start; e < stop; ++e) store(out, dtype, e, y);
   }
 }
 
@@ -140,13 +160,46 @@ __global__ void unpack_mask_kernel(const uint8_t* payload, int64_t n, uint8_t* o
 
 int64_t blocks_for(int64_t groups) { return (groups + kGroupsPerBlock - 1) / kGroupsPerBlock; }
 
+// Makes `device` current for the scope of one call and restores the caller's device.
+// This library links its own (static) CUDA runtime, so it selects the tensor's device
+// itself instead of relying on torch's runtime having done so.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    status_ = cudaGetDevice(&previous_);
+    if (status_ == cudaSuccess && previous_ != device) status_ = cudaSetDevice(device);
+  }
+  ~DeviceGuard() {
+    int now = -1;
+    if (cudaGetDevice(&now) == cudaSuccess && now != previous_ && previous_ >= 0) cudaSetDevice(previous_);
+  }
+  cudaError_t status() const { return status_; }
+
+ private:
+  int previous_ = -1;
+  cudaError_t status_;
+};
+
 }  // namespace
 
 extern "C" {
 
+int alam_cuda_check_device(int device) {
+  DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return (int)guard.status();
+  // Fails with cudaErrorNoKernelImageForDevice (no SASS for this GPU and no PTX the
+  // driver can JIT) or cudaErrorInsufficientDriver, without launching anything.
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaFuncGetAttributes(&attr, quantize_kernel<2>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, dequantize_kernel<2>);
+  return (int)err;
+}
+
 int alam_cuda_quantize(const void* x, int dtype, int64_t n, int bits, uint64_t seed,
-                       uint8_t* payload, float* meta, void* stream) {
+                       uint8_t* payload, float* meta, void* stream, int device) {
   if (n == 0) return 0;
+  DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return (int)guard.status();
   const bool aq = bits == 0;
   const int64_t values = aq ? (n + ALAM_AQ_AVG - 1) / ALAM_AQ_AVG : n;
   const int64_t groups = (values + ALAM_GROUP - 1) / ALAM_GROUP;
@@ -165,8 +218,10 @@ int alam_cuda_quantize(const void* x, int dtype, int64_t n, int bits, uint64_t s
 }
 
 int alam_cuda_dequantize(const uint8_t* payload, const float* meta, int64_t n, int bits,
-                         int dtype, void* out, void* stream) {
+                         int dtype, void* out, void* stream, int device) {
   if (n == 0) return 0;
+  DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return (int)guard.status();
   const bool aq = bits == 0;
   const int64_t values = aq ? (n + ALAM_AQ_AVG - 1) / ALAM_AQ_AVG : n;
   const int64_t groups = (values + ALAM_GROUP - 1) / ALAM_GROUP;
@@ -181,15 +236,19 @@ int alam_cuda_dequantize(const uint8_t* payload, const float* meta, int64_t n, i
   return (int)cudaGetLastError();
 }
 
-int alam_cuda_pack_mask(const uint8_t* x, int64_t n, uint8_t* payload, void* stream) {
+int alam_cuda_pack_mask(const uint8_t* x, int64_t n, uint8_t* payload, void* stream, int device) {
   if (n == 0) return 0;
+  DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return (int)guard.status();
   const int64_t nbytes = (n + 7) / 8;
   pack_mask_kernel<<<(nbytes + kThreads - 1) / kThreads, kThreads, 0, (cudaStream_t)stream>>>(x, n, payload);
   return (int)cudaGetLastError();
 }
 
-int alam_cuda_unpack_mask(const uint8_t* payload, int64_t n, uint8_t* out, void* stream) {
+int alam_cuda_unpack_mask(const uint8_t* payload, int64_t n, uint8_t* out, void* stream, int device) {
   if (n == 0) return 0;
+  DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return (int)guard.status();
   unpack_mask_kernel<<<(n + kThreads - 1) / kThreads, kThreads, 0, (cudaStream_t)stream>>>(payload, n, out);
   return (int)cudaGetLastError();
 }
