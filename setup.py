@@ -23,6 +23,8 @@ from pathlib import Path
 from pybind11.setup_helpers import Pybind11Extension
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
 
 ROOT = Path(__file__).parent.resolve()
 CSRC = ROOT / "csrc"
@@ -117,6 +119,24 @@ class BuildExt(build_ext):
         return objects
 
 
+# Config-only ALAM (alam_dist_autoload.py): this .pth goes to the root of site-packages,
+# where Python runs it at start-up. Regular wheels get it through build_py; PEP 660
+# editable wheels do not run build_py for it, so editable_wheel adds it as well.
+AUTOLOAD_PTH = "alam_dist_autoload.pth"
+
+
+class BuildPyWithPth(build_py):
+    def run(self):
+        super().run()
+        self.copy_file(str(ROOT / AUTOLOAD_PTH), str(Path(self.build_lib) / AUTOLOAD_PTH))
+
+
+class EditableWheelWithPth(editable_wheel):
+    def _install_namespaces(self, installation_dir, pth_prefix):
+        super()._install_namespaces(installation_dir, pth_prefix)
+        shutil.copy(ROOT / AUTOLOAD_PTH, Path(installation_dir) / AUTOLOAD_PTH)
+
+
 def _extensions() -> list[Pybind11Extension]:
     if _flag("ALAM_NO_NATIVE"):
         return []
@@ -129,4 +149,6 @@ def _extensions() -> list[Pybind11Extension]:
     return exts
 
 
-setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExt})
+setup(ext_modules=_extensions(),
+      cmdclass={"build_ext": BuildExt, "build_py": BuildPyWithPth,
+                "editable_wheel": EditableWheelWithPth})

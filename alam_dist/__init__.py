@@ -6,8 +6,9 @@
 from alam_dist import codec
 from alam_dist.allocation import Plan, PlanMismatchError, allocate
 from alam_dist.config import ALAMConfig
-from alam_dist.controller import Collective, Controller, apply, set_config
+from alam_dist.controller import (Collective, Controller, SavedActivationMeter, apply,
+                                  set_config)
 
 __version__ = "0.1.0"
-__all__ = ["ALAMConfig", "Collective", "Controller", "Plan", "PlanMismatchError", "allocate",
-           "apply", "codec", "set_config"]
+__all__ = ["ALAMConfig", "Collective", "Controller", "Plan", "PlanMismatchError",
+           "SavedActivationMeter", "allocate", "apply", "codec", "set_config"]

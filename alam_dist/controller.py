@@ -21,6 +21,7 @@ Seed-compatible use (also available as ``import alam``)::
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import warnings
@@ -31,7 +32,7 @@ import torch
 
 from alam_dist.allocation import Plan, PlanMismatchError, allocate
 from alam_dist.config import ALAMConfig
-from alam_dist.policy import SavedTensorPolicy, key_seed, model_fingerprint
+from alam_dist.policy import SavedTensorPolicy, StepStats, key_seed, model_fingerprint
 from alam_dist.sensitivity import (ProbeJob, ProbeResult, ProbeRound, preserved_training_state,
                                    record_forward)
 
@@ -113,6 +114,8 @@ class Controller:
         self._fingerprint = model_fingerprint(model)
         self._default_bits = _uniform_bits(self.config.bits, self.config.ladder)
         self._mismatch_warned: set[str] = set()
+        self._step_times: list[float] = []
+        self._step_seconds: float | None = None
         if self.config.load_plan_path:
             self.load_plan(self.config.load_plan_path)
 
@@ -285,21 +288,70 @@ class Controller:
 
     def memory_report(self) -> dict:
         """Saved-activation bytes of the last finished step (or the current one)."""
-        s = self._last_stats or self.policy.stats
-        return {
-            "step": self.step - 1 if self._last_stats else self.step,
-            "saved_bytes_raw": s.raw_bytes,
-            "saved_bytes_packed": s.packed_bytes,
-            "ratio": s.raw_bytes / s.packed_bytes if s.packed_bytes else 1.0,
-            "tensors": s.tensors,
-            "kept_exact_bytes": s.exact_bytes,
-            "deduplicated": s.deduplicated,
-            "skipped_weights": s.skipped_weights,
-            "skipped_other": s.skipped_other,
-            "forwards": s.forwards,
-            "plan_average_bits": self.plan.average_bits() if self.plan else None,
-            "bits": dict(self.plan.bits) if self.plan else {},
-        }
+        report = _stats_report(self._last_stats or self.policy.stats)
+        report["step"] = self.step - 1 if self._last_stats else self.step
+        report["plan_average_bits"] = self.plan.average_bits() if self.plan else None
+        report["bits"] = dict(self.plan.bits) if self.plan else {}
+        report["probe_cost"] = self.probe_cost_report()
+        return report
+
+    def probe_cost_report(self) -> dict:
+        """Probe rounds so far: passes, seconds, and the same in step-equivalents (probe
+        seconds / the median training step's seconds, when steps were timed)."""
+        cost = dataclasses.asdict(self.probe_cost)
+        cost["step_equivalents"] = (cost["seconds"] / self._step_seconds
+                                    if self._step_seconds else None)
+        return cost
+
+    def note_step_seconds(self, seconds: float) -> None:
+        """Tell the controller how long a (non-probe) training step took; it keeps the
+        median, which turns probe seconds into step-equivalents."""
+        self._step_times.append(seconds)
+        times = sorted(self._step_times[-50:])
+        self._step_seconds = times[len(times) // 2]
+
+
+def _stats_report(s: StepStats) -> dict:
+    return {
+        "saved_bytes_raw": s.raw_bytes,
+        "saved_bytes_packed": s.packed_bytes,
+        "ratio": s.raw_bytes / s.packed_bytes if s.packed_bytes else 1.0,
+        "tensors": s.tensors,
+        "kept_exact_bytes": s.exact_bytes,
+        "deduplicated": s.deduplicated,
+        "skipped_weights": s.skipped_weights,
+        "skipped_other": s.skipped_other,
+        "forwards": s.forwards,
+    }
+
+
+class SavedActivationMeter:
+    """Counts the activations autograd saves, changing nothing: the uncompressed side of
+    an ALAM comparison, with the controller's accounting (weights excluded, shared
+    tensors counted once).
+
+        >>> import torch, alam_dist
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU())
+        >>> meter = alam_dist.SavedActivationMeter(model)
+        >>> model(torch.randn(32, 64)).sum().backward()
+        >>> meter.step_done(); meter.memory_report()["saved_bytes_raw"] > 0
+        True
+    """
+
+    def __init__(self, model: torch.nn.Module, *, min_numel: int = 1024):
+        self.policy = SavedTensorPolicy(model, min_numel=min_numel)
+        self.policy.mode = "measure"
+        self.policy.install()
+        self._last: StepStats | None = None
+
+    def step_done(self) -> None:
+        self._last, self.policy.stats = self.policy.stats, StepStats()
+
+    def memory_report(self) -> dict:
+        return _stats_report(self._last or self.policy.stats)
+
+    def uninstall(self) -> None:
+        self.policy.uninstall()
 
 
 # -- seed API: module-level config -----------------------------------------------------------

@@ -20,9 +20,9 @@ gradient-accumulation boundaries, and stores the plan in the engine's checkpoint
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,8 @@ class DeepSpeedALAM:
         self._probed: set[int] = set()
         self._in_probe = False
         self._pending = False
+        self._step_start: float | None = None
+        self._rounds_seen = 0
         self._wrap()
 
     def _wrap(self) -> None:
@@ -97,6 +99,8 @@ class DeepSpeedALAM:
         zero3 = engine.zero_optimization_stage() == 3
 
         def alam_forward(*args, **kwargs):
+            if self._step_start is None:
+                self._step_start = time.perf_counter()
             if not self._in_probe:
                 if ctl.probe_due() and ctl.step not in self._probed:
                     self._probed.add(ctl.step)
@@ -117,6 +121,11 @@ class DeepSpeedALAM:
             boundary = engine.is_gradient_accumulation_boundary()
             out = step(*args, **kwargs)
             if boundary:
+                # steps without a probe round time the training step itself: probe cost
+                # is reported in step-equivalents (memory_report()["probe_cost"])
+                if self._step_start is not None and ctl.probe_cost.rounds == self._rounds_seen:
+                    ctl.note_step_seconds(time.perf_counter() - self._step_start)
+                self._step_start, self._rounds_seen = None, ctl.probe_cost.rounds
                 ctl.step_done()
             return out
 
@@ -165,9 +174,7 @@ class DeepSpeedALAM:
             ctl.set_plan(Plan.from_dict(state["plan"]))
 
     def memory_report(self) -> dict:
-        report = self.controller.memory_report()
-        report["probe_cost"] = dataclasses.asdict(self.controller.probe_cost)
-        return report
+        return self.controller.memory_report()
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
@@ -188,11 +195,13 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         for attr in ("deepspeed_config", "deepscale_config"):
             if getattr(args, attr, None) is not None:
                 setattr(args, attr, None)
-    result = _deepspeed.initialize(args=args, model=model, optimizer=optimizer,
-                                   model_parameters=model_parameters, training_data=training_data,
-                                   lr_scheduler=lr_scheduler, mpu=mpu,
-                                   dist_init_required=dist_init_required, collate_fn=collate_fn,
-                                   config=ds_config, **kwargs)
+    # the original, also when the config-only hook (alam_dist_autoload) wrapped it
+    plain_initialize = getattr(_deepspeed.initialize, "__wrapped__", _deepspeed.initialize)
+    result = plain_initialize(args=args, model=model, optimizer=optimizer,
+                              model_parameters=model_parameters, training_data=training_data,
+                              lr_scheduler=lr_scheduler, mpu=mpu,
+                              dist_init_required=dist_init_required, collate_fn=collate_fn,
+                              config=ds_config, **kwargs)
     if alam_config is not None and alam_config.enabled:
         DeepSpeedALAM(result[0], alam_config)
     return result

@@ -88,6 +88,8 @@ class SavedTensorPolicy:
     * ``"compress"``: encode with ``bits_for(key)`` (training);
     * ``"record"``: keep exact copies, return a compressed one for the probed key
       (``probe_target``) -- GradNormVar probes (alam_dist.sensitivity);
+    * ``"measure"``: keep every tensor as autograd gave it, only count its bytes (the
+      uncompressed side of a comparison, same accounting as compression);
     * ``"off"``: plain autograd.
     """
 
@@ -224,13 +226,17 @@ class SavedTensorPolicy:
         self._dedup[dedup_key] = (weakref.ref(base), saved)
         return saved
 
-    def _pack_new(self, key: str, t: torch.Tensor, is_mask: bool) -> Saved:
+    def _pack_new(self, key: str, t: torch.Tensor, is_mask: bool) -> Saved | torch.Tensor:
         raw = t.numel() * t.element_size()
         self.stats.tensors += 1
         self.stats.raw_bytes += raw
         if not is_mask:
             self.seen[key] = TensorInfo(t.numel(), t.element_size() * 8, str(t.dtype),
                                         self._types.get(self._stack[-1][0], ""))
+        if self.mode == "measure":
+            self.stats.packed_bytes += raw
+            self.stats.exact_bytes += raw
+            return t
         if self.mode == "record":
             self.stats.exact_bytes += raw
             return Saved(key, exact=t)

@@ -1,0 +1,362 @@
+"""Fine-tune a LLaMA-architecture causal LM with DeepSpeed, with or without ALAM.
+
+    deepspeed --num_gpus 2 launch/train.py --deepspeed configs/ds_config_zero2_alam.json --alam
+    deepspeed --num_gpus 2 launch/train.py --deepspeed configs/ds_config_zero2_alam.json --no_alam
+
+Model: ``--model DIR`` (a local Hugging Face checkpoint: weights and tokenizer from disk,
+never downloaded) or ``--model_config tiny|llama2-7b|config.json`` (random init, byte-level
+tokenizer). Data: ``--data`` Alpaca .json/.jsonl (prompt tokens masked out of the loss),
+.txt files, or by default instruction pairs built from the Python docs in the stdlib.
+
+ALAM is on with ``--alam``, or when the DeepSpeed config has an ``"alam"`` section (unless
+``--no_alam``). Every ``"alam"`` key can be set here as ``--alam_<key> VALUE`` (JSON for
+lists and objects). Per optimizer step rank 0 writes ``OUTPUT_DIR/metrics.jsonl``: loss,
+lr, tokens/s, saved-activation bytes raw and packed (equal without ALAM: measured, not
+compressed), peak memory. docs/launch.md has a command per launcher.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+def share_cpu_threads() -> None:
+    """One share of the cores per local rank, unless the user chose (OMP_NUM_THREADS).
+
+    torchrun sets one thread per rank; the deepspeed launcher and mpirun set nothing,
+    so every rank would start a thread per core for torch and for the codec's OpenMP
+    kernels, and spinning threads of several ranks on the same cores slowed probe rounds
+    here by up to 20x. Must run before torch is imported."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    local = next((int(os.environ[k]) for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE",
+                                               "OMPI_COMM_WORLD_LOCAL_SIZE") if k in os.environ), 1)
+    if local > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (cores or 1) // local))
+
+
+share_cpu_threads()  # before anything imports torch (alam_dist does)
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make `launch` and `alam_dist` importable
+    sys.path.insert(0, str(ROOT))
+
+from alam_dist.config import ALAMConfig  # noqa: E402
+from launch import data as data_lib  # noqa: E402
+
+MODEL_CONFIGS = {
+    # tests and the demo: trains in seconds on a CPU
+    "tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
+    # LLaMA-2-7B's shapes (random init): memory planning and kernel benchmarks
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                      max_position_embeddings=4096, rms_norm_eps=1e-5),
+}
+DEFAULT_DS_CONFIG = {
+    "train_micro_batch_size_per_gpu": 4,
+    "gradient_accumulation_steps": 1,
+    "zero_optimization": {"stage": 2},
+    "zero_allow_untested_optimizer": True,
+    "gradient_clipping": 1.0,
+    "steps_per_print": 10 ** 9,
+}
+ALAM_KEYS = [f.name for f in dataclasses.fields(ALAMConfig) if f.name != "enabled"]
+
+
+class UsageError(SystemExit):
+    """A bad command line, config, model path or data file: reported before any work."""
+
+    def __init__(self, message: str):
+        super().__init__(f"launch/train.py: error: {message}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--model", help="local Hugging Face checkpoint directory (config, weights, tokenizer)")
+    src.add_argument("--model_config", default=None,
+                     help=f"random-init model: {', '.join(MODEL_CONFIGS)} or an HF config.json path (default tiny)")
+    ap.add_argument("--data", default=None, help="Alpaca .json/.jsonl, a .txt file or a directory of them (default: built-in)")
+    ap.add_argument("--seq_len", type=int, default=256, help="longest training sequence (tokens)")
+    ap.add_argument("--deepspeed", "--deepspeed_config", dest="deepspeed_config", default=None,
+                    help="DeepSpeed config JSON (may hold an \"alam\" section)")
+    ap.add_argument("--max_steps", type=int, default=20, help="optimizer steps")
+    ap.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (when the config has no optimizer)")
+    ap.add_argument("--warmup_steps", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--output_dir", default="runs/train")
+    ap.add_argument("--save_steps", type=int, default=0, help="checkpoint every N steps (0: never)")
+    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUTPUT_DIR")
+    ap.add_argument("--gradient_checkpointing", action="store_true", help="non-reentrant, per decoder layer")
+    ap.add_argument("--fsdp", action="store_true", help="run under torchrun with FSDP instead of DeepSpeed")
+    ap.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher
+    switch = ap.add_mutually_exclusive_group()
+    switch.add_argument("--alam", dest="alam", action="store_true", default=None, help="turn ALAM on")
+    switch.add_argument("--no_alam", dest="alam", action="store_false", help="turn ALAM off (plain DeepSpeed)")
+    keys = ap.add_argument_group("ALAM keys (override the config's \"alam\" section; docs: README)")
+    for key in ALAM_KEYS:
+        keys.add_argument(f"--alam_{key}", metavar="VALUE", default=None, help=argparse.SUPPRESS
+                          if key not in ("bits", "total_steps", "probe_steps", "save_plan_path",
+                                         "load_plan_path") else f"alam.{key}")
+    return ap.parse_args(argv)
+
+
+def _cli_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # plain strings (paths, "warn") need no quotes
+
+
+def resolve_configs(args) -> tuple[dict, ALAMConfig | None]:
+    """(DeepSpeed config with or without its "alam" section, the parsed ALAMConfig)."""
+    if args.deepspeed_config:
+        path = Path(args.deepspeed_config)
+        try:
+            ds_config = json.loads(path.read_text())
+        except OSError as err:
+            raise UsageError(f"cannot read DeepSpeed config {path}: {err.strerror}") from None
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path}:{err.lineno}: DeepSpeed config is not valid JSON ({err.msg})") from None
+    else:
+        ds_config = json.loads(json.dumps(DEFAULT_DS_CONFIG))
+    section = ds_config.pop("alam", None)
+    overrides = {k: _cli_value(getattr(args, f"alam_{k}")) for k in ALAM_KEYS
+                 if getattr(args, f"alam_{k}") is not None}
+    on = args.alam if args.alam is not None else section is not None
+    if not on:
+        if overrides:
+            raise UsageError(f"--alam_* options given ({sorted(overrides)}) but ALAM is off: add --alam")
+        return ds_config, None
+    section = {**(section or {}), **overrides}
+    section.setdefault("total_steps", args.max_steps)
+    try:
+        alam_config = ALAMConfig.from_dict(section)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"bad \"alam\" config: {err}") from None
+    ds_config["alam"] = alam_config.to_dict()
+    return ds_config, alam_config
+
+
+def check_model_source(args) -> None:
+    if args.model:
+        path = Path(args.model)
+        if not path.is_dir():
+            raise UsageError(f"--model {path}: no such directory (a local Hugging Face checkpoint "
+                             "directory holding config.json, weights and a tokenizer)")
+        if not (path / "config.json").exists():
+            raise UsageError(f"--model {path}: no config.json there; is it a Hugging Face checkpoint?")
+    elif args.model_config and args.model_config not in MODEL_CONFIGS and not Path(args.model_config).is_file():
+        raise UsageError(f"--model_config {args.model_config!r}: not one of {sorted(MODEL_CONFIGS)} "
+                         "and not a config.json file")
+
+
+def load_tokenizer(args):
+    if not args.model:
+        return data_lib.ByteTokenizer()
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--model {args.model}: cannot load its tokenizer ({err})") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def build_model(args, tok, ds_config: dict):
+    import torch
+    import transformers
+    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+    if args.model:
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
+                                                                  dtype=dtype)
+    else:
+        name = args.model_config or "tiny"
+        if name in MODEL_CONFIGS:
+            config = transformers.LlamaConfig(**{"vocab_size": tok.vocab_size, **MODEL_CONFIGS[name]})
+        else:
+            config = transformers.AutoConfig.from_pretrained(name)
+        config.pad_token_id, config.bos_token_id, config.eos_token_id = (
+            tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+        torch.manual_seed(args.seed)
+        if ds_config.get("zero_optimization", {}).get("stage") == 3:
+            import deepspeed  # partition at construction: a 7B model never exists whole
+            with deepspeed.zero.Init(config_dict_or_path={k: v for k, v in ds_config.items() if k != "alam"}):
+                model = transformers.AutoModelForCausalLM.from_config(config)
+        else:
+            model = transformers.AutoModelForCausalLM.from_config(config)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def peak_memory_mb() -> float:
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class Batches:
+    """Endless micro-batches for this rank, epoch after epoch; ``position`` counts the
+    micro-batches handed out, so a resumed run continues with the next one."""
+
+    def __init__(self, examples, *, rank, world, micro_batch, seed, pad_id):
+        self.examples, self.pad_id, self.micro_batch = examples, pad_id, micro_batch
+        self.order_kw = dict(rank=rank, world=world, micro_batch=micro_batch, seed=seed)
+        self.per_epoch = len(examples) // world // micro_batch
+        if self.per_epoch == 0:
+            raise UsageError(f"{len(examples)} examples cannot fill one micro-batch of "
+                             f"{micro_batch} on each of {world} ranks")
+        self.position = 0
+        self._epoch, self._order = -1, []
+
+    def skip_to(self, position: int) -> None:
+        self.position = position
+
+    def __next__(self):
+        epoch, index = divmod(self.position, self.per_epoch)
+        self.position += 1
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = data_lib.rank_order(len(self.examples), epoch=epoch, **self.order_kw)
+        picked = self._order[index * self.micro_batch:(index + 1) * self.micro_batch]
+        return data_lib.collate([self.examples[i] for i in picked], self.pad_id)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.fsdp:
+        raise UsageError("--fsdp: the FSDP integration (alam_dist.fsdp) is not built yet; run "
+                         "this script with DeepSpeed (deepspeed launch/train.py --deepspeed CONFIG)")
+    # Everything that can be wrong with the input is checked here, before any
+    # process group exists or any rank starts work.
+    ds_config, alam_config = resolve_configs(args)
+    check_model_source(args)
+    tok = load_tokenizer(args)
+    try:
+        examples = data_lib.load_examples(args.data, tok, args.seq_len)
+    except data_lib.DataError as err:
+        raise UsageError(str(err)) from None
+
+    import torch
+    import deepspeed
+    import alam_dist
+    import alam_dist.deepspeed as ads
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    out_dir = Path(args.output_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    model = build_model(args, tok, ds_config)
+    optimizer = None
+    if "optimizer" not in ds_config:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                      lr=args.lr, weight_decay=0.0)
+    engine, _, _, scheduler = ads.initialize(model=model, optimizer=optimizer,
+                                             model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                             config=ds_config)
+    alam = getattr(engine, "alam", None)
+    meter = None if alam else alam_dist.SavedActivationMeter(engine.module)
+    micro_batch = engine.train_micro_batch_size_per_gpu()
+    accum = engine.gradient_accumulation_steps()
+    batches = Batches(examples, rank=rank, world=world, micro_batch=micro_batch, seed=args.seed,
+                      pad_id=tok.pad_token_id)
+    start_step = 0
+    if args.resume:
+        path, client = engine.load_checkpoint(str(ckpt_dir))
+        if path is None:
+            raise UsageError(f"--resume: no checkpoint in {ckpt_dir}")
+        start_step = int(client["train_step"])
+        batches.skip_to(int(client["train_position"][rank]))
+
+    def lr_at(step: int) -> float:
+        return args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
+
+    metrics_path = out_dir / "metrics.jsonl"
+    metrics_file = open(metrics_path, "a" if args.resume else "w") if rank == 0 else None
+    bar = None
+    if rank == 0 and not args.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=args.max_steps, initial=start_step, desc="alam" if alam else "plain",
+                   unit="step", dynamic_ncols=True)
+    history = []
+    for step in range(start_step, args.max_steps):
+        if optimizer is not None and scheduler is None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+        t0 = time.perf_counter()
+        probes_before = alam.controller.probe_cost.rounds if alam else 0
+        loss_sum, tokens = 0.0, 0
+        for _ in range(accum):
+            batch = next(batches)
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            loss_sum += float(loss.detach()) / accum
+            tokens += int(batch["attention_mask"].sum())
+        seconds = time.perf_counter() - t0
+        probed = bool(alam) and alam.controller.probe_cost.rounds > probes_before
+        if meter:
+            meter.step_done()
+        totals = torch.tensor([loss_sum, float(tokens), seconds], dtype=torch.float64)
+        torch.distributed.all_reduce(totals)
+        report = (alam or meter).memory_report()
+        row = {"step": step + 1, "loss": totals[0].item() / world, "lr": engine.get_lr()[0],
+               "tokens_per_s": totals[1].item() / max(totals[2].item() / world, 1e-9),
+               "step_s": seconds, "probe_step": probed,
+               "saved_bytes_raw": report["saved_bytes_raw"],
+               "saved_bytes_packed": report["saved_bytes_packed"],
+               "ratio": report["ratio"], "peak_mem_mb": peak_memory_mb(), "rank0_tokens": tokens}
+        history.append(row)
+        if metrics_file:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+        if bar:
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", saved_MB=f"{row['saved_bytes_packed'] / 2**20:.1f}",
+                            ratio=f"{row['ratio']:.1f}x")
+        if args.save_steps and (step + 1) % args.save_steps == 0:
+            positions = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+            torch.distributed.all_gather(positions, torch.tensor([batches.position]))
+            engine.save_checkpoint(str(ckpt_dir), client_state={
+                "train_step": step + 1, "train_position": [int(p) for p in positions]})
+    if bar:
+        bar.close()
+    summary = {"alam": bool(alam), "world_size": world, "steps": args.max_steps,
+               "final_loss": history[-1]["loss"] if history else None,
+               "memory": (alam or meter).memory_report() if history else None,
+               "median_step_s": sorted(r["step_s"] for r in history if not r["probe_step"])[
+                   len([r for r in history if not r["probe_step"]]) // 2] if history else None}
+    if rank == 0:
+        report = summary["memory"] or {}
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        print(f"\n[{'alam' if alam else 'plain'}] steps {args.max_steps}, final loss "
+              f"{summary['final_loss']}, saved activations per rank "
+              f"{report.get('saved_bytes_raw', 0) / 2**20:.2f} MB raw -> "
+              f"{report.get('saved_bytes_packed', 0) / 2**20:.2f} MB stored "
+              f"({report.get('ratio', 1.0):.1f}x)", flush=True)
+        if alam:
+            rep = {k: v for k, v in report.items() if k != "bits"}
+            print("[alam] memory report: " + json.dumps(rep, default=str), flush=True)
+    if metrics_file:
+        metrics_file.close()
+    return summary
+
+
+if __name__ == "__main__":
+    main()
