@@ -43,20 +43,32 @@ def install() -> None:
 
 
 class _DeepSpeedImportHook(importlib.abc.MetaPathFinder):
-    """Finds ``deepspeed`` through the other finders, then patches it once loaded."""
+    """Finds ``deepspeed`` through the other finders and patches it once executed.
+
+    It stays on ``sys.meta_path`` until then: libraries ask ``importlib.util.find_spec
+    ("deepspeed")`` to test availability long before they import it (transformers does),
+    and such a look-up must not use the hook up."""
+
+    _busy = False  # our own find_spec call below goes through the meta path too
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "deepspeed":
+        if fullname != "deepspeed" or self._busy:
             return None
-        sys.meta_path.remove(self)  # one shot; also keeps find_spec below from recursing
-        spec = importlib.util.find_spec(fullname)
+        self._busy = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._busy = False
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         exec_module = spec.loader.exec_module
+        hook = self
 
         def exec_then_patch(module):
             exec_module(module)
             patch(module)
+            if hook in sys.meta_path:
+                sys.meta_path.remove(hook)
 
         spec.loader.exec_module = exec_then_patch
         return spec

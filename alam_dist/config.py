@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,6 +136,25 @@ class ALAMConfig:
                     raise ValueError(f"alam.{key} must be a list, got {section[key]!r}")
                 section[key] = tuple(section[key])
         return cls(**section)
+
+    @classmethod
+    def reference(cls) -> str:
+        """The ``"alam"`` key reference (Markdown) from this class's fields and their
+        docstrings: the README embeds it and a test keeps the two identical."""
+        import ast
+        import inspect
+        docs: dict[str, str] = {}
+        body = ast.parse(inspect.getsource(cls)).body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) \
+                    and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+        rows = ["| key | default | meaning |", "|---|---|---|"]
+        defaults = cls().to_dict()
+        for f in dataclasses.fields(cls):
+            default = json.dumps(defaults[f.name])
+            rows.append(f"| `{f.name}` | `{default}` | {docs.get(f.name, '')} |")
+        return "\n".join(rows)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

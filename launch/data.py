@@ -68,8 +68,12 @@ def instruction_example(tok: Tokenizer, instruction: str, input_text: str, outpu
     response = tok.encode(output, add_special_tokens=False)
     if tok.eos_token_id is not None:
         response = response + [tok.eos_token_id]
-    if tok.bos_token_id is not None:
-        prompt = [tok.bos_token_id] + prompt
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    # Too long for max_len: the response keeps at least half the window (an example
+    # without a single label would give a NaN loss), the prompt keeps its end.
+    response = response[:max(max_len - len(bos) - len(prompt), max_len // 2)]
+    keep = max(max_len - len(bos) - len(response), 0)
+    prompt = bos + (prompt[len(prompt) - keep:] if keep else [])
     ids = (prompt + response)[:max_len]
     labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_len]
     return Example(ids, labels)

@@ -172,10 +172,18 @@ def load_tokenizer(args):
     return tok
 
 
+_KEEP_ALIVE: list = []
+
+
 def build_model(args, tok, ds_config: dict):
     import torch
     import transformers
+    from transformers.integrations import HfDeepSpeedConfig
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+    if ds_config.get("zero_optimization", {}).get("stage") == 3:
+        # transformers then builds (and loads) the model partitioned under zero.Init:
+        # a 7B model never exists whole on one rank. The object must stay alive.
+        _KEEP_ALIVE.append(HfDeepSpeedConfig({k: v for k, v in ds_config.items() if k != "alam"}))
     if args.model:
         model = transformers.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
                                                                   dtype=dtype)
@@ -188,12 +196,7 @@ def build_model(args, tok, ds_config: dict):
         config.pad_token_id, config.bos_token_id, config.eos_token_id = (
             tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
         torch.manual_seed(args.seed)
-        if ds_config.get("zero_optimization", {}).get("stage") == 3:
-            import deepspeed  # partition at construction: a 7B model never exists whole
-            with deepspeed.zero.Init(config_dict_or_path={k: v for k, v in ds_config.items() if k != "alam"}):
-                model = transformers.AutoModelForCausalLM.from_config(config)
-        else:
-            model = transformers.AutoModelForCausalLM.from_config(config)
+        model = transformers.AutoModelForCausalLM.from_config(config)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
