@@ -38,6 +38,16 @@ class ALAMConfig:
     """Floors: fnmatch pattern over "ModuleClass:key" -> lowest format allowed. The default
     keeps normalization-layer inputs off average quantization, whose bias there stalls
     training (docs/controller.md); ``{}`` gives the plain ALAM allocation."""
+    probe: str = "cheap"
+    """Probe round: "cheap" (default: a few representative transformer blocks, backward
+    restarted at the probed block, a slice of the micro-batch; docs/controller.md) or
+    "full" (every saved tensor, full backward passes, whole micro-batch: the reference)."""
+    probe_blocks: int = 3
+    """Cheap rounds: transformer blocks probed (evenly spaced, first and last included);
+    the other blocks' tensors get sensitivities interpolated from the same role."""
+    probe_batch_fraction: float = 0.25
+    """Cheap rounds: share of the micro-batch the probe forward uses (at least one
+    sample; a single sample is cut to a token prefix), through the integrations."""
     probe_granularity: str = "row"
     """GradNormVar's norm vector: "row" (per output row, default) or "param" (reference)."""
     min_numel: int = 1024
@@ -90,6 +100,15 @@ class ALAMConfig:
                 isinstance(k, str) and v in allowed for k, v in self.min_bits.items()):
             raise ValueError(f"alam.min_bits maps key patterns to formats in {allowed}, "
                              f"got {self.min_bits!r}")
+        if self.probe not in ("cheap", "full"):
+            raise ValueError(f"alam.probe must be 'cheap' or 'full', got {self.probe!r}")
+        if isinstance(self.probe_blocks, bool) or not isinstance(self.probe_blocks, int) \
+                or self.probe_blocks < 1:
+            raise ValueError(f"alam.probe_blocks must be a positive integer, got {self.probe_blocks!r}")
+        if isinstance(self.probe_batch_fraction, bool) or not isinstance(
+                self.probe_batch_fraction, (int, float)) or not 0 < self.probe_batch_fraction <= 1:
+            raise ValueError(f"alam.probe_batch_fraction must be in (0, 1], got "
+                             f"{self.probe_batch_fraction!r}")
         if self.probe_granularity not in ("row", "param"):
             raise ValueError(f"alam.probe_granularity must be 'row' or 'param', got "
                              f"{self.probe_granularity!r}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -33,8 +34,9 @@ import torch
 from alam_dist.allocation import Plan, PlanMismatchError, allocate
 from alam_dist.config import ALAMConfig
 from alam_dist.policy import SavedTensorPolicy, StepStats, key_seed, model_fingerprint
-from alam_dist.sensitivity import (ProbeJob, ProbeResult, ProbeRound, preserved_training_state,
-                                   record_forward)
+from alam_dist.blocks import BlockStack, derive, find_blocks
+from alam_dist.sensitivity import (BlockRestarts, ProbeJob, ProbeResult, ProbeRound,
+                                   preserved_training_state, record_forward)
 
 log = logging.getLogger("alam_dist")
 
@@ -112,6 +114,7 @@ class Controller:
         self._last_stats = None
         self._last_probe: tuple | None = None
         self._fingerprint = model_fingerprint(model)
+        self._blocks = find_blocks(model)
         self._default_bits = _uniform_bits(self.config.bits, self.config.ladder)
         self._mismatch_warned: set[str] = set()
         self._step_times: list[float] = []
@@ -199,64 +202,128 @@ class Controller:
         retaining one graph (ZeRO-3 re-partitions weights after each backward).
         ``collective_passes`` says that every probe pass runs collectives (ZeRO-3 and FSDP
         gather weights in forward and backward): then every rank runs the same number of
-        passes -- a rank with fewer jobs, or one whose forward did not save a job's
-        tensor, runs padding passes whose results are dropped -- so that no rank reaches
-        the result gather while another is still gathering weights.
+        passes from the same restart points -- a rank with fewer jobs, or one whose
+        forward did not save a job's tensor, runs padding passes whose results are
+        dropped -- so that no rank reaches the result gather while another is still
+        gathering weights.
+
+        With ``probe="cheap"`` (default) and a model with a transformer block stack, only
+        ``probe_blocks`` blocks are probed, each pass restarts at the probed block's
+        output, and only those blocks' tensors are kept exact during the round
+        (docs/controller.md, "Probe cost"). Integrations also pass a slice of the
+        micro-batch (:func:`slice_inputs`).
         """
         if not self.policy.installed:
             raise RuntimeError("install_hook() before probing")
         start = time.perf_counter()
         params = [p for p in self.model.parameters() if p.requires_grad]
         seed = key_seed(self.config.seed, self.step, "probe")
+        stack = self._blocks if self.config.probe == "cheap" else None
+        probed_blocks = stack.choose(self.config.probe_blocks) if stack else []
         stats_before = self.policy.stats
+        restarts = None
         with preserved_training_state(self.model, params):
             self.policy.stats = type(stats_before)()
             self.policy.seen.clear()
-            loss = record_forward(self.policy, closure)
-            # Jobs come from the merged inventory so that job indices agree on all ranks.
-            seen = self.collective.gather_inventory(dict(self.policy.seen))
-            refresh = (lambda: record_forward(self.policy, closure)) if forward_per_pass else None
-            if refresh is not None:
-                # the first forward only served the inventory and the error ratios
-                loss = loss.detach()
-            probe_round = ProbeRound(self.policy, loss, params, seed, self.config.ladder,
-                                     self.config.probe_granularity, keys=list(seen),
-                                     forward=refresh)
-            jobs = probe_round.jobs()
-            mine = [j for j in self.collective.my_jobs(jobs) if j.key in self.policy.seen]
-            local = [probe_round.run(job) for job in mine]
-            padding = 0
-            if collective_passes:
-                for _ in range(self.collective.jobs_per_rank(len(jobs)) - len(mine)):
-                    padding += probe_round.run_padding()
-            del loss, probe_round
+            if stack is not None:
+                keep = set(probed_blocks)
+                self.policy.record_exact = lambda key: stack.block_of(key) in keep \
+                    or stack.block_of(key) is None
+                restarts = BlockRestarts({b: stack.modules[b] for b in probed_blocks})
+            try:
+                loss = record_forward(self.policy, closure)
+                # Jobs come from the merged inventory so that job indices agree on all ranks.
+                seen = self.collective.gather_inventory(dict(self.policy.seen))
+                if restarts is not None:
+                    restarts.compute_grads(loss)  # one exact backward (every rank)
+                refresh = (lambda: record_forward(self.policy, closure)) if forward_per_pass else None
+                if refresh is not None:
+                    # the first forward only served the inventory, ratios and restarts
+                    loss = loss.detach()
+                groups = self._job_groups(list(seen), stack, probed_blocks)
+                probe_round = ProbeRound(self.policy, loss, params, seed, self.config.ladder,
+                                         self.config.probe_granularity,
+                                         keys=[j.key for g in groups for j in g],
+                                         forward=refresh, restarts=restarts)
+                fixed_seconds = time.perf_counter() - start
+                exact = set(probe_round._exact)
+                local, padding, mine_count, group_cost = [], 0, 0, []
+                for group in groups:
+                    group_start = time.perf_counter()
+                    mine = [j for j in self.collective.my_jobs(group) if j.key in exact]
+                    mine_count += len(mine)
+                    local += [probe_round.run(job) for job in mine]
+                    if collective_passes:
+                        for _ in range(self.collective.jobs_per_rank(len(group)) - len(mine)):
+                            padding += probe_round.run_padding(group[0].start)
+                    group_cost.append({"start": group[0].start, "jobs": len(group),
+                                       "jobs_this_rank": len(mine),
+                                       "seconds": time.perf_counter() - group_start})
+                del loss, probe_round
+            finally:
+                self.policy.record_exact = None
+                self.policy.release_recorded()
+                if restarts is not None:
+                    restarts.remove()
         self.policy.stats = stats_before
         results = self.collective.gather_results(local)
         sens = {r.key: r.sensitivity for r in results}
+        ratios = {r.key: r.error_ratio for r in results}
+        if stack is not None:
+            sens, ratios = derive(stack, list(seen), sens, ratios)
         missing = sorted(set(seen) - set(sens))
         if missing:  # a key some rank saved but whose probe job nobody ran
             raise PlanMismatchError(f"ranks saved different tensors in the probe forward "
                                     f"(e.g. {missing[:3]}): the model's forward must take the "
                                     "same path on every rank")
-        self._last_probe = (sens, seen, {r.key: r.error_ratio for r in results})
+        self._last_probe = (sens, seen, ratios)
         plan = self.reallocate(self.config.bits)
         elapsed = time.perf_counter() - start
         backward_passes = sum(r.backward_passes for r in local) + padding
+        jobs_total = sum(len(g) for g in groups)
         cost = self.probe_cost
         cost.rounds += 1
-        cost.jobs += len(mine)
+        cost.jobs += mine_count
         cost.forward_passes += 1 + (backward_passes if forward_per_pass else 0)
-        cost.backward_passes += backward_passes
+        cost.backward_passes += backward_passes + (1 if restarts is not None else 0)
         cost.padding_passes += padding
         cost.seconds += elapsed
-        cost.history.append({"step": self.step, "tensors": len(jobs), "jobs_this_rank": len(mine),
+        cost.history.append({"step": self.step, "probe": self.config.probe, "tensors": len(seen),
+                             "jobs": jobs_total, "jobs_this_rank": mine_count,
+                             "probed_blocks": probed_blocks,
                              "backward_passes": backward_passes, "padding_passes": padding,
-                             "seconds": elapsed, "average_bits": plan.average_bits()})
+                             "restart_backward": restarts is not None,
+                             "seconds": elapsed, "fixed_seconds": fixed_seconds,
+                             "groups": group_cost,
+                             "average_bits": plan.average_bits()})
         if self.config.save_plan_path and self.collective.rank == 0:
             plan.save(self.config.save_plan_path)
         log.info("alam_dist: probed %d/%d tensors in %.1fs; plan %.3f bits/element",
-                 len(mine), len(jobs), elapsed, plan.average_bits())
+                 mine_count, len(seen), elapsed, plan.average_bits())
         return plan
+
+    @staticmethod
+    def _job_groups(keys: list[str], stack: BlockStack | None,
+                    probed_blocks: list[int]) -> list[list[ProbeJob]]:
+        """Probe jobs grouped by restart point (the loss, or a probed block's output), in
+        a fixed order: ranks take their share of each group and, where passes are
+        collectives, pad each group to its largest share, so the passes of all ranks
+        line up. Full rounds: one group, every key, from the loss."""
+        if stack is None:
+            return [[ProbeJob(k, i) for i, k in enumerate(sorted(keys))]]
+        probed = set(probed_blocks)
+        by_start: dict[int | None, list[str]] = {}
+        for k in sorted(keys):
+            block = stack.block_of(k)
+            if block is None or block in probed:
+                by_start.setdefault(block, []).append(k)
+        order = sorted((s for s in by_start if s is not None), reverse=True)
+        order += [None] if None in by_start else []
+        groups, index = [], 0
+        for start in order:  # indices run on across groups: shares stay within one job
+            groups.append([ProbeJob(k, index + i, start) for i, k in enumerate(by_start[start])])
+            index += len(by_start[start])
+        return groups
 
     def reallocate(self, budget: float) -> Plan:
         """Allocate (and use) a plan for ``budget`` from the last probe round's statistics,
@@ -309,6 +376,29 @@ class Controller:
         self._step_times.append(seconds)
         times = sorted(self._step_times[-50:])
         self._step_seconds = times[len(times) // 2]
+
+
+def slice_inputs(args: tuple, kwargs: dict, fraction: float) -> tuple[tuple, dict]:
+    """The first ``ceil(batch * fraction)`` samples of a forward's inputs (at least one):
+    every tensor argument whose first dimension is the batch size (that of the first
+    tensor argument) is cut, the rest passed as is. Samples, not tokens: a token prefix
+    would shrink attention-sized tensors quadratically and skew the sizes the allocator
+    weighs tensors by. A micro-batch of one sample is used whole."""
+    if fraction >= 1:
+        return args, kwargs
+    first = next((t for t in (*args, *kwargs.values())
+                  if isinstance(t, torch.Tensor) and t.dim() >= 1), None)
+    if first is None or first.shape[0] <= 1:
+        return args, kwargs
+    batch = first.shape[0]
+    rows = max(1, math.ceil(batch * fraction))
+
+    def cut(t):
+        if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == batch:
+            return t[:rows]
+        return t
+
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
 
 
 def _stats_report(s: StepStats) -> dict:

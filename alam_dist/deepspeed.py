@@ -30,7 +30,7 @@ import torch
 
 from alam_dist.collectives import DistributedCollective
 from alam_dist.config import ALAMConfig
-from alam_dist.controller import Controller
+from alam_dist.controller import Controller, slice_inputs
 from alam_dist.allocation import Plan
 
 try:
@@ -114,7 +114,10 @@ class DeepSpeedALAM:
                     # backward bookkeeping (stage 0 refuses any backward but
                     # engine.backward; at stage 3 an extra engine forward + grad changes
                     # later steps); ZeRO-3's parameter gathering lives on the modules.
-                    self.probe(lambda: _loss_of(module(*args, **kwargs)))
+                    # cheap rounds probe a slice of the micro-batch (alam.probe_batch_fraction)
+                    pargs, pkwargs = (slice_inputs(args, kwargs, ctl.config.probe_batch_fraction)
+                                      if ctl.config.probe == "cheap" else (args, kwargs))
+                    self.probe(lambda: _loss_of(module(*pargs, **pkwargs)))
             return forward(*args, **kwargs)
 
         def alam_step(*args, **kwargs):

@@ -101,6 +101,9 @@ class SavedTensorPolicy:
         self.bits_for: Callable[[str, torch.Tensor], float] = lambda key, t: 32
         self.seed_for: Callable[[str], int] = lambda key: 0
         self.probe_target: tuple[str, float, int] | None = None
+        # record mode: which keys keep an exact copy (None: all); the others are
+        # compressed as in training, so a probe forward holds little more than a step
+        self.record_exact: Callable[[str], bool] | None = None
         self.weight_detectors: list[WeightDetector] = []
         self.seen: dict[str, TensorInfo] = {}
         self.stats = StepStats()
@@ -110,6 +113,7 @@ class SavedTensorPolicy:
         self._stack: list[list] = []  # frames: [name, call index, next ordinal]
         self._calls: dict[str, int] = {}
         self._dedup: dict[tuple, tuple[weakref.ref, Saved]] = {}
+        self._recorded: dict[str, torch.Tensor] = {}  # record mode: key -> exact tensor
         self._hooks_ctx = None
 
     # -- installation -------------------------------------------------------------------
@@ -154,6 +158,7 @@ class SavedTensorPolicy:
     def _begin_forward(self) -> None:
         self._calls.clear()
         self._dedup.clear()
+        self._recorded.clear()
         self.stats.forwards += 1
         if self.mode != "off":
             self._hooks_ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
@@ -237,8 +242,9 @@ class SavedTensorPolicy:
             self.stats.packed_bytes += raw
             self.stats.exact_bytes += raw
             return t
-        if self.mode == "record":
+        if self.mode == "record" and (self.record_exact is None or self.record_exact(key)):
             self.stats.exact_bytes += raw
+            self._recorded[key] = t
             return Saved(key, exact=t)
         bits = 32 if is_mask else self.bits_for(key, t)
         packed = codec.encode(t.detach(), bits, seed=self.seed_for(key), backend=self.backend)
@@ -249,8 +255,15 @@ class SavedTensorPolicy:
         return Saved(key, packed=packed)
 
     def recorded_exact(self) -> dict[str, torch.Tensor]:
-        """Key -> exact tensor of the last record-mode forward (for probe statistics)."""
-        return {s.key: s.exact for _, s in self._dedup.values() if s.exact is not None}
+        """Key -> exact tensor of the last record-mode forward (for probe statistics).
+        Kept by key, not through the dedup table, where a later tensor with the same
+        storage signature replaces an earlier entry."""
+        return dict(self._recorded)
+
+    def release_recorded(self) -> None:
+        """Drop the record forward's exact tensors (they would pin a step's activations)."""
+        self._recorded.clear()
+        self._dedup.clear()
 
     def round_trip(self, t: torch.Tensor, bits: float, seed: int) -> torch.Tensor:
         """``t`` as training would see it after compression at ``bits``."""

@@ -32,7 +32,10 @@ AQ, Q8 = 0.5, 8
 @dataclass(frozen=True)
 class ProbeJob:
     key: str
-    index: int  # position in the sorted key list: what rank-sharding splits on
+    index: int  # position in the job's group: what rank-sharding splits on
+    start: int | None = None
+    """Where its backward passes start: None at the loss, else at the output of this
+    transformer block (cheap rounds; see :class:`BlockRestarts`)."""
 
 
 @dataclass
@@ -105,8 +108,51 @@ def record_forward(policy: SavedTensorPolicy, closure: Callable[[], object]) -> 
     return loss
 
 
+class BlockRestarts:
+    """Backward restart points at the outputs of probed transformer blocks.
+
+    Compressing a tensor saved in block b changes only what backward computes below
+    block b's output: the gradient reaching that output, dL/dh_b, is the same in every
+    probe pass, and so are the gradients of every parameter above block b. So dL/dh_b is
+    computed once per round (one exact backward), and each probe pass back-propagates
+    ``grad(h_b, params, grad_outputs=dL/dh_b)``: the parameters above b get no gradient
+    (their norms would be equal in all three passes, contributing exactly 0 to
+    GradNormVar), the rest get the same gradients as a full pass. Same statistic, and a
+    pass costs (b + 1) / L of a full backward.
+    """
+
+    def __init__(self, blocks: dict[int, torch.nn.Module]):
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.grads: dict[int, torch.Tensor] = {}
+        self._handles = [m.register_forward_hook(self._capture(b)) for b, m in blocks.items()]
+
+    def _capture(self, block: int):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                self.outputs[block] = out
+        return hook
+
+    def compute_grads(self, loss: torch.Tensor) -> None:
+        """dL/dh_b for every captured block output (one backward, graph retained)."""
+        blocks = sorted(self.outputs)
+        grads = torch.autograd.grad(loss, [self.outputs[b] for b in blocks], retain_graph=True,
+                                    allow_unused=True)
+        self.grads = {b: g.detach() for b, g in zip(blocks, grads) if g is not None}
+
+    def root(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.outputs[block], self.grads[block]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.outputs.clear()
+
+
 def grad_norms(loss: torch.Tensor, params: list[torch.nn.Parameter],
-               granularity: str = "row", retain_graph: bool = True) -> torch.Tensor:
+               granularity: str = "row", retain_graph: bool = True,
+               grad_output: torch.Tensor | None = None) -> torch.Tensor:
     """The vector GradNormVar compares: L2 norms of the parameter gradients.
 
     ``"param"``: one norm per parameter (the reference code). ``"row"`` (default): one
@@ -114,18 +160,49 @@ def grad_norms(loss: torch.Tensor, params: list[torch.nn.Parameter],
     norms, O(rows) memory, but it also moves when a compressed activation turns the
     gradient without changing whole-parameter norms -- e.g. average quantization of a
     final RMSNorm input, which the per-parameter statistic misses (docs/controller.md).
+
+    ``loss`` may be any tensor with ``grad_output`` (a restart point's dL/d(tensor)).
+    Parameters it does not reach get norms of 0, without a gradient-sized zero buffer.
+
+    Memory: each parameter's gradient is reduced to its norms by a hook the moment it is
+    computed and replaced by a zero-stride placeholder, so a pass never holds more than
+    one parameter's gradient (``autograd.grad`` alone would return all of them at once:
+    the whole model's gradients, on every rank even under ZeRO-3).
     """
-    grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
+    norms: dict[int, torch.Tensor] = {}
+
+    def keep_norms(index: int):
+        def hook(g: torch.Tensor) -> torch.Tensor:
+            norms[index] = _norm_vector(g.detach(), granularity)
+            return g.new_zeros(()).expand_as(g)
+        return hook
+
+    handles = [p.register_hook(keep_norms(i)) for i, p in enumerate(params)]
+    try:
+        torch.autograd.grad(loss, params, grad_outputs=grad_output, retain_graph=retain_graph,
+                            allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
     parts = []
-    for p, g in zip(params, grads):
-        g = (g if g is not None else torch.zeros_like(p)).detach().float()
-        if granularity == "param":
-            parts.append(g.norm().reshape(1))
-        elif g.dim() >= 2:
-            parts.append(g.reshape(g.shape[0], -1).norm(dim=1))
-        else:
-            parts.append(g.abs().reshape(-1))
+    for i, p in enumerate(params):
+        if i in norms:
+            parts.append(norms[i])
+            continue
+        shape = tuple(getattr(p, "ds_shape", None) or p.shape)  # ZeRO-3 partitions report theirs
+        rows = 1 if granularity == "param" else (shape[0] if len(shape) >= 2 else
+                                                   max(1, int(torch.Size(shape).numel())))
+        parts.append(torch.zeros(rows, dtype=torch.float32, device=p.device))  # not reached
     return torch.cat(parts).double()
+
+
+def _norm_vector(g: torch.Tensor, granularity: str) -> torch.Tensor:
+    g = g.float()
+    if granularity == "param":
+        return g.norm().reshape(1)
+    if g.dim() >= 2:
+        return g.reshape(g.shape[0], -1).norm(dim=1)
+    return g.abs().reshape(-1)
 
 
 def gradnormvar(n_s: torch.Tensor, n_s1: torch.Tensor, n8: torch.Tensor) -> float:
@@ -141,8 +218,10 @@ class ProbeRound:
                  params: list[torch.nn.Parameter], seed: int,
                  formats: tuple[float, ...] = (8, 4, 2), granularity: str = "row",
                  keys: list[str] | None = None,
-                 forward: Callable[[], torch.Tensor] | None = None):
+                 forward: Callable[[], torch.Tensor] | None = None,
+                 restarts: BlockRestarts | None = None):
         self.policy, self.loss, self.params, self.seed = policy, loss, params, seed
+        self.restarts = restarts
         # With ``forward``, every backward pass gets a fresh recorded forward instead of
         # retaining one graph: needed where weights are re-partitioned after each
         # backward (ZeRO-3), at the cost of one forward per pass.
@@ -174,26 +253,28 @@ class ProbeRound:
     PASSES = ((AQ, 0), (AQ, 1), (Q8, 0))
     """A job's passes: (format, seed offset) of the probed tensor."""
 
-    def _pass(self, target: tuple[str, float, int] | None) -> torch.Tensor:
-        loss = self.loss if self.forward is None else self.forward()
+    def _pass(self, target: tuple[str, float, int] | None, start: int | None) -> torch.Tensor:
+        loss = self.loss if self.forward is None else self.forward()  # re-captures restarts
+        root, grad_output = (loss, None) if start is None else self.restarts.root(start)
         self.policy.probe_target = target
         try:
-            return grad_norms(loss, self.params, self.granularity,
-                              retain_graph=self.forward is None)
+            return grad_norms(root, self.params, self.granularity,
+                              retain_graph=self.forward is None, grad_output=grad_output)
         finally:
             self.policy.probe_target = None
-            del loss
+            del loss, root
 
     def run(self, job: ProbeJob) -> ProbeResult:
         start = time.perf_counter()
-        norms = [self._pass((job.key, fmt, self.seed + offset)) for fmt, offset in self.PASSES]
+        norms = [self._pass((job.key, fmt, self.seed + offset), job.start)
+                 for fmt, offset in self.PASSES]
         return ProbeResult(job.key, gradnormvar(*norms), len(self.PASSES),
                            time.perf_counter() - start, self.error_ratio(job.key))
 
-    def run_padding(self) -> int:
+    def run_padding(self, start: int | None = None) -> int:
         """A job's passes with nothing compressed and the results dropped: the same
-        forwards and backwards (so the same collectives) as :meth:`run`. Returns the
-        number of passes."""
+        forwards and backwards (so the same collectives) as :meth:`run` from ``start``.
+        Returns the number of passes."""
         for _ in self.PASSES:
-            self._pass(None)
+            self._pass(None, start)
         return len(self.PASSES)

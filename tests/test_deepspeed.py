@@ -108,9 +108,11 @@ def test_zero_stages_train_with_identical_plans(zero_runs, stage, dtype):
     # compression happened, and the probe round was split across the ranks
     assert r0["memory"]["ratio"] > 6
     h0, h1 = r0["probe_cost"]["history"][0], r1["probe_cost"]["history"][0]
-    assert h0["tensors"] == h1["tensors"] and h0["jobs_this_rank"] + h1["jobs_this_rank"] == h0["tensors"]
+    assert h0["jobs"] == h1["jobs"] and h0["jobs_this_rank"] + h1["jobs_this_rank"] == h0["jobs"]
     assert abs(h0["jobs_this_rank"] - h1["jobs_this_rank"]) <= 1
-    assert r0["probe_cost"]["backward_passes"] == 3 * h0["jobs_this_rank"]
+    assert h0["backward_passes"] == 3 * h0["jobs_this_rank"] + h0["padding_passes"]
+    # the cheap round's one exact backward (restart gradients) is counted too
+    assert r0["probe_cost"]["backward_passes"] == h0["backward_passes"] + h0["restart_backward"]
 
 
 def test_without_alam_section_it_is_plain_deepspeed(zero_runs):
@@ -204,6 +206,11 @@ UNEVEN = {
                   "dtype": "bf16", "seq_per_rank": [32, 40]},
     "three_ranks": {"nproc": 3, "launcher": "torchrun", "layers": 1, "attn": "sdpa",
                     "dtype": "fp32", "seq_per_rank": [32, 48, 40]},
+    # a cheap round with restart points: 4 blocks, 2 probed, so jobs come in groups (one
+    # per restart point) and every group is shared and padded separately
+    "three_ranks_restarts": {"nproc": 3, "launcher": "torchrun", "layers": 4, "attn": "sdpa",
+                             "dtype": "fp32", "seq_per_rank": [32, 48, 40],
+                             "alam": {"probe_blocks": 2}},
 }
 
 
@@ -214,13 +221,15 @@ def uneven_runs(request, tmp_path_factory):
     plan = out / "plan.json"
     base = {"zero": 3, "steps": 3, "layers": setup["layers"], "attn": setup["attn"],
             "dtype": setup["dtype"], "seq_per_rank": setup["seq_per_rank"]}
+    extra = setup.get("alam", {})
     runs = launch([
         # the integration's own round (step 0, deferred to step 1 under ZeRO-3)
-        dict(base, name="probed", alam={"bits": 2, "probe_steps": [0], "save_plan_path": str(plan)}),
+        dict(base, name="probed", alam={"bits": 2, "probe_steps": [0], "save_plan_path": str(plan),
+                                        **extra}),
         # the plan it made, from file; then the same with an extra (unadopted) round
-        dict(base, name="loaded", alam={"bits": 2, "load_plan_path": str(plan)}),
+        dict(base, name="loaded", alam={"bits": 2, "load_plan_path": str(plan), **extra}),
         dict(base, name="loaded_probing", extra_probe_at=1,
-             alam={"bits": 2, "load_plan_path": str(plan)}),
+             alam={"bits": 2, "load_plan_path": str(plan), **extra}),
     ], out, launcher=setup["launcher"], nproc=setup["nproc"], timeout=300)
     return setup["nproc"], runs
 
@@ -230,16 +239,19 @@ def test_uneven_probe_jobs_keep_ranks_in_lockstep(uneven_runs):
     ranks = ok(runs["probed"])
     assert len(ranks) == nproc
     hist = [r["probe_cost"]["history"][0] for r in ranks]
-    tensors = hist[0]["tensors"]
-    assert tensors % nproc != 0, "the scenario must give ranks unequal job counts"
-    assert all(h["tensors"] == tensors for h in hist)
+    jobs_total = hist[0]["jobs"]
+    assert all(h["jobs"] == jobs_total and h["tensors"] == hist[0]["tensors"] for h in hist)
     jobs = [h["jobs_this_rank"] for h in hist]
-    assert sum(jobs) == tensors and max(jobs) - min(jobs) == 1
+    assert sum(jobs) == jobs_total and len(set(jobs)) > 1, "ranks must get unequal job counts"
     # every rank ran the same number of passes; the ones with fewer jobs padded
     per_job = 3
-    for h in hist:
-        assert h["backward_passes"] == per_job * -(-tensors // nproc)
-        assert h["padding_passes"] == per_job * (-(-tensors // nproc) - h["jobs_this_rank"])
+    passes = {h["backward_passes"] for h in hist}
+    assert len(passes) == 1
+    assert all(h["backward_passes"] == per_job * h["jobs_this_rank"] + h["padding_passes"] for h in hist)
+    if not hist[0]["probed_blocks"]:
+        assert passes == {per_job * -(-jobs_total // nproc)}  # one group, from the loss
+    else:
+        assert hist[0]["restart_backward"] and len(hist[0]["probed_blocks"]) == 2
     # identical plan and parameters everywhere; training went on
     assert len({r["plan_digest"] for r in ranks}) == 1
     assert len({r["checksum"] for r in ranks}) == 1

@@ -1,0 +1,281 @@
+"""Probe-round cost: the full round (the reference) vs the cheap one, side by side.
+
+    python benchmarks/probe_cost.py                       # depths 4, 16, 32
+    python benchmarks/probe_cost.py --depths 4 --steps 5  # quick
+
+Model: LLaMA-2-7B's layer structure scaled down (MHA, MLP ratio 11008/4096), hidden
+--hidden, micro-batch --batch x --seq, fp32, one process. For each depth:
+
+* exact step: seconds of one training step without ALAM (forward, backward, Adam);
+* cheap round (config defaults: 3 probed blocks, backward restarted at the probed block,
+  a --fraction slice of the micro-batch): measured at R = 1; at R = 2 and 8 extrapolated
+  from its measured per-group job costs and the per-rank job counts (each restart group is
+  shared across ranks: ceil(n_group / R) jobs per rank);
+* full round: every saved tensor, full backward passes, whole micro-batch. Depths <= 16 are
+  run whole; above, its per-job cost is measured on a sample of --full-sample jobs (every job
+  is the same three full backward passes) and scaled to all jobs, then to R as above;
+* plans: the full statistic (every block probed with restarts: the same numbers as the full
+  round, tests/test_probe_cost.py) vs the cheap round's plan, at budgets 2 and 1:
+  elements on the same format, and loss after --steps Adam steps (plus the full plan under
+  another rounding seed: the run-to-run noise);
+* memory (fresh process each, MALLOC_MMAP_THRESHOLD_=65536, RSS sampled every ms): peak
+  RSS growth of a compressed training step vs of the cheap round vs of the full round's
+  record forward and first job (where its peak is).
+
+Prints a table and one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+from _util import print_json, print_table  # noqa: E402
+
+import alam_dist  # noqa: E402
+from alam_dist.controller import slice_inputs  # noqa: E402
+from alam_dist.sensitivity import ProbeRound, record_forward  # noqa: E402
+
+
+def build(depth: int, hidden: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=round(hidden * 11008 / 4096),
+                      num_hidden_layers=depth, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=1024)
+    return LlamaForCausalLM(cfg)
+
+
+def batch(args, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, 256, (args.batch, 1), generator=g)
+    step = torch.randint(1, 4, (args.batch, 1), generator=g)
+    return (start + step * torch.arange(args.seq)) % 256
+
+
+def exact_step_seconds(depth, args) -> float:
+    model = build(depth, args.hidden)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = batch(args)
+    times = []
+    for _ in range(4):
+        t = time.perf_counter()
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
+
+
+def cheap_round(depth, args, probe_blocks=None, fraction=None):
+    model = build(depth, args.hidden)
+    cfg = alam_dist.ALAMConfig(bits=1, probe="cheap", probe_blocks=probe_blocks or 3,
+                               probe_batch_fraction=fraction or args.fraction)
+    ctl = alam_dist.apply(model, cfg)
+    (x,), _ = slice_inputs((batch(args),), {}, cfg.probe_batch_fraction)
+    ctl.probe(lambda: model(input_ids=x, labels=x).loss)
+    return ctl
+
+
+def full_round_seconds(depth, args) -> dict:
+    """Whole full round at small depth; otherwise fixed cost + sampled per-job cost."""
+    model = build(depth, args.hidden)
+    ctl = alam_dist.apply(model, alam_dist.ALAMConfig(bits=1, probe="full"))
+    x = batch(args)
+    closure = lambda: model(input_ids=x, labels=x).loss  # noqa: E731
+    if depth <= args.full_whole_max_depth:
+        ctl.probe(closure)
+        h = ctl.probe_cost.history[-1]
+        return {"jobs": h["jobs"], "fixed_s": h["fixed_seconds"],
+                "per_job_s": (h["seconds"] - h["fixed_seconds"]) / h["jobs"], "sampled": False}
+    params = [p for p in model.parameters() if p.requires_grad]
+    t = time.perf_counter()
+    ctl.policy.seen.clear()
+    loss = record_forward(ctl.policy, closure)
+    fixed = time.perf_counter() - t
+    keys = sorted(ctl.policy.seen)
+    pr = ProbeRound(ctl.policy, loss, params, 0, ctl.config.ladder, "row", keys=keys)
+    jobs = pr.jobs()
+    sample = jobs[:: max(1, len(jobs) // args.full_sample)][: args.full_sample]
+    t = time.perf_counter()
+    for job in sample:
+        pr.run(job)
+    per_job = (time.perf_counter() - t) / len(sample)
+    ctl.policy.release_recorded()
+    return {"jobs": len(jobs), "fixed_s": fixed, "per_job_s": per_job, "sampled": True}
+
+
+def at_ranks(fixed: float, groups: list[tuple[int, float]], ranks: int) -> tuple[float, int]:
+    """(seconds, passes) per rank: each group (jobs, seconds per job) shared over R ranks."""
+    seconds, passes = fixed, 0
+    for n, per_job in groups:
+        mine = -(-n // ranks)
+        seconds += mine * per_job
+        passes += 3 * mine
+    return seconds, passes
+
+
+def agreement(a, b) -> float:
+    same = sum(a.numel[k] for k in a.bits if a.bits[k] == b.bits.get(k))
+    return same / sum(a.numel.values())
+
+
+def train_loss(depth, args, plan, seed) -> float:
+    model = build(depth, args.hidden)
+    ctl = alam_dist.apply(model, alam_dist.ALAMConfig(bits=plan.budget, seed=seed))
+    ctl.set_plan(plan)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(args.steps):
+        x = batch(args, seed=100 + step)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ctl.step_done()
+        losses.append(float(loss))
+    return statistics.mean(losses[-3:])
+
+
+# -- memory, in fresh processes -----------------------------------------------------------
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def peak_growth(fn) -> float:
+    base, peak, done = rss_mb(), [0.0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mb())
+            time.sleep(0.001)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    fn()
+    done.set()
+    th.join()
+    return max(peak[0], rss_mb()) - base
+
+
+def child(spec: dict) -> None:
+    args = argparse.Namespace(**spec["args"])
+    depth, case = spec["depth"], spec["case"]
+    model = build(depth, args.hidden)
+    x = batch(args)
+    torch.set_num_threads(1)
+    if case == "step":
+        plan = alam_dist.Plan.load(spec["plan"])
+        ctl = alam_dist.apply(model, alam_dist.ALAMConfig(bits=plan.budget))
+        ctl.set_plan(plan)
+        model(input_ids=x, labels=x).loss.backward()  # warm-up: gradients allocated
+        fn = lambda: model(input_ids=x, labels=x).loss.backward()  # noqa: E731
+    elif case == "cheap_round":
+        ctl = alam_dist.apply(model, alam_dist.ALAMConfig(bits=1, probe_batch_fraction=args.fraction))
+        model(input_ids=x, labels=x).loss.backward()
+        ctl.step_done()
+        (xs,), _ = slice_inputs((x,), {}, args.fraction)
+        fn = lambda: ctl.probe(lambda: model(input_ids=xs, labels=xs).loss)  # noqa: E731
+    else:  # full round: record forward + the first job (its peak)
+        ctl = alam_dist.apply(model, alam_dist.ALAMConfig(bits=1, probe="full"))
+        model(input_ids=x, labels=x).loss.backward()
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def fn():
+            ctl.policy.seen.clear()
+            loss = record_forward(ctl.policy, lambda: model(input_ids=x, labels=x).loss)
+            pr = ProbeRound(ctl.policy, loss, params, 0, ctl.config.ladder, "row", keys=sorted(ctl.policy.seen))
+            pr.run(pr.jobs()[0])
+    print(json.dumps({"peak_mb": peak_growth(fn)}))
+
+
+def memory(depth, case, args, plan_path=None) -> float:
+    spec = {"depth": depth, "case": case, "plan": plan_path, "args": vars(args)}
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--depths", type=int, nargs="+", default=[4, 16, 32])
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--fraction", type=float, default=0.25)
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--full-sample", type=int, default=24)
+    ap.add_argument("--full-whole-max-depth", type=int, default=16)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(json.loads(args.child))
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    rows = []
+    for depth in args.depths:
+        step_s = exact_step_seconds(depth, args)
+        cheap = cheap_round(depth, args)
+        h = cheap.probe_cost.history[-1]
+        groups = [(g["jobs"], g["seconds"] / max(g["jobs"], 1)) for g in h["groups"]]
+        reference = cheap_round(depth, args, probe_blocks=depth, fraction=1.0)  # the full statistic
+        full = full_round_seconds(depth, args)
+        with tempfile.TemporaryDirectory() as tmp:
+            plan_path = str(Path(tmp) / "plan.json")
+            plans = {}
+            for budget in (2, 1):
+                plans[("cheap", budget)] = cheap.reallocate(budget)
+                plans[("full", budget)] = reference.reallocate(budget)
+            plans[("cheap", 1)].save(plan_path)
+            mem_step = memory(depth, "step", args, plan_path)
+            mem_cheap = memory(depth, "cheap_round", args)
+            mem_full = memory(depth, "full_round", args)
+        losses = {}
+        for budget in (2, 1):
+            losses[("full", budget)] = train_loss(depth, args, plans[("full", budget)], seed=0)
+            losses[("full_seed1", budget)] = train_loss(depth, args, plans[("full", budget)], seed=1)
+            losses[("cheap", budget)] = train_loss(depth, args, plans[("cheap", budget)], seed=0)
+        for mode in ("full", "cheap"):
+            if mode == "cheap":
+                fixed, grp, jobs = h["fixed_seconds"], groups, h["jobs"]
+                measured = h["seconds"]
+                peak = mem_cheap
+            else:
+                fixed, grp, jobs = full["fixed_s"], [(full["jobs"], full["per_job_s"])], full["jobs"]
+                measured = None if full["sampled"] else fixed + full["jobs"] * full["per_job_s"]
+                peak = mem_full
+            row = {"depth": depth, "round": mode, "tensors": h["tensors"], "jobs": jobs,
+                   "exact_step_s": step_s, "probe_s_R1_measured": measured}
+            for r in (1, 2, 8):
+                seconds, passes = at_ranks(fixed, grp, r)
+                row[f"passes_R{r}"] = passes
+                row[f"step_eq_R{r}"] = seconds / step_s
+            row.update({"probe_peak_MB": peak, "step_peak_MB": mem_step, "peak_ratio": peak / mem_step,
+                        "agree_b2": agreement(plans[("full", 2)], plans[(mode, 2)]),
+                        "agree_b1": agreement(plans[("full", 1)], plans[(mode, 1)]),
+                        "loss_b2": losses[(mode, 2)], "loss_b1": losses[(mode, 1)],
+                        "noise_b2": abs(losses[("full", 2)] - losses[("full_seed1", 2)]),
+                        "noise_b1": abs(losses[("full", 1)] - losses[("full_seed1", 1)])})
+            rows.append(row)
+        print(f"  done depth {depth}", file=sys.stderr, flush=True)
+    print_table(rows, list(rows[0]))
+    print_json("probe_cost", rows, hidden=args.hidden, batch=args.batch, seq=args.seq,
+               fraction=args.fraction, steps=args.steps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The cheap probe round: restart points give the full statistic, derived plans agree
+with full ones, batch slicing, and the cost accounting."""
+import pytest
+import torch
+
+import alam_dist
+from alam_dist.blocks import BlockStack, find_blocks, interpolate
+from alam_dist.controller import slice_inputs
+from tests.helpers import tiny_llama, token_batch
+
+pytest.importorskip("transformers")
+
+
+def _probe(layers: int, **cfg):
+    model = tiny_llama(seed=0, layers=layers)
+    ctl = alam_dist.apply(model, alam_dist.ALAMConfig(**cfg))
+    x = token_batch(4, 48, seed=1)
+    plan = ctl.probe(lambda: model(input_ids=x, labels=x).loss)
+    return ctl, plan
+
+
+def test_blocks_roles_and_choice():
+    model = tiny_llama(layers=4)
+    stack = find_blocks(model)
+    assert stack.prefix == "model.layers" and stack.count == 4
+    assert stack.block_of("model.layers.3.mlp.down_proj/0.1") == 3
+    assert stack.block_of("model.layers.3/0.0") == 3
+    assert stack.block_of("model.norm/0.0") is None and stack.block_of("model.layers.30x/0.0") is None
+    assert stack.role_of("model.layers.12.self_attn/0.4") == "model.layers.*.self_attn/0.4"
+    big = BlockStack("model.layers", tuple(range(32)))
+    assert big.choose(3) == [0, 16, 31] and big.choose(1) == [0] and big.choose(40) == list(range(32))
+    assert interpolate({0: 1.0, 4: 16.0}, 2) == pytest.approx(4.0)  # geometric
+    assert interpolate({0: 1.0, 4: 16.0}, 9) == 16.0 and interpolate({2: 3.0}, 0) == 3.0
+
+
+def test_restarting_at_block_outputs_gives_the_full_statistic():
+    """Every block probed: the cheap round differs from the full one only in where its
+    backward passes start, so the sensitivities must be the same numbers."""
+    full, _ = _probe(3, bits=1, probe="full")
+    cheap, _ = _probe(3, bits=1, probe="cheap", probe_blocks=3)
+    s_full, _, r_full = full._last_probe
+    s_cheap, _, r_cheap = cheap._last_probe
+    assert s_full.keys() == s_cheap.keys()
+    for key, value in s_full.items():
+        assert s_cheap[key] == pytest.approx(value, rel=1e-6, abs=1e-30), key
+        assert r_cheap[key] == pytest.approx(r_full[key], rel=1e-6)
+    h = cheap.probe_cost.history[-1]
+    assert h["restart_backward"] and h["probed_blocks"] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("bits", [2, 1])
+def test_cheap_plan_agrees_with_the_full_plan(bits):
+    full_ctl, full = _probe(8, bits=bits, probe="full")
+    cheap_ctl, cheap = _probe(8, bits=bits, probe="cheap", probe_blocks=3)
+    assert full.bits.keys() == cheap.bits.keys()
+    same = sum(full.numel[k] for k in full.bits if full.bits[k] == cheap.bits[k])
+    assert same / sum(full.numel.values()) >= 0.9
+    assert abs(cheap.average_bits() - full.average_bits()) < 0.1
+    f, c = full_ctl.probe_cost.history[-1], cheap_ctl.probe_cost.history[-1]
+    # 3 of 8 blocks probed (plus the tensors outside the stack): well under half the jobs
+    assert c["probed_blocks"] == [0, 4, 7] and c["jobs"] < 0.5 * f["jobs"]
+    assert c["backward_passes"] == 3 * c["jobs"] and f["backward_passes"] == 3 * f["jobs"]
+
+
+def test_cheap_round_keeps_only_probed_blocks_exact_and_releases_them():
+    ctl, _ = _probe(6, bits=1, probe="cheap", probe_blocks=2)
+    assert ctl.policy.recorded_exact() == {}  # nothing pinned after the round
+    assert ctl.policy.record_exact is None
+
+
+def test_slice_inputs_cuts_samples_only():
+    ids, mask = torch.zeros(8, 16, dtype=torch.long), torch.ones(8, 16)
+    table = torch.zeros(5, 16)  # not batch-shaped: passed as is
+    args, kwargs = slice_inputs((ids,), {"attention_mask": mask, "table": table, "n": 3}, 0.25)
+    assert args[0].shape == (2, 16) and kwargs["attention_mask"].shape == (2, 16)
+    assert kwargs["table"] is table and kwargs["n"] == 3
+    one = torch.zeros(1, 16)
+    assert slice_inputs((one,), {}, 0.1)[0][0] is one  # one sample: used whole
+    assert slice_inputs((ids,), {}, 1.0)[0][0] is ids
+    assert slice_inputs((ids,), {}, 0.01)[0][0].shape[0] == 1
+
+
+def test_probe_cost_in_step_equivalents():
+    ctl, _ = _probe(2, bits=2)
+    assert ctl.memory_report()["probe_cost"]["step_equivalents"] is None  # no step timed yet
+    for seconds in (0.5, 0.1, 0.2):
+        ctl.note_step_seconds(seconds)
+    cost = ctl.memory_report()["probe_cost"]
+    assert cost["step_equivalents"] == pytest.approx(cost["seconds"] / 0.2)
+
+
+def test_bad_probe_config_is_refused():
+    with pytest.raises(ValueError, match="alam.probe must be"):
+        alam_dist.ALAMConfig(probe="fast")
+    with pytest.raises(ValueError, match="probe_batch_fraction"):
+        alam_dist.ALAMConfig(probe_batch_fraction=0)
+    with pytest.raises(ValueError, match="probe_blocks"):
+        alam_dist.ALAMConfig(probe_blocks=0)
