@@ -12,6 +12,7 @@ model ``w(b) = 1 / (2**b - 1)**2`` (AQ as b = 1, the seed code's convention) is 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,26 +141,32 @@ def allocate(sensitivity: dict[str, float], numel: dict[str, int], raw_bits: dic
     level = {k: 0 for k in keys}
     cost = {k: stored_bits(steps[k][0], raw_bits[k]) * numel[k] for k in keys}
     total, limit = sum(cost.values()), budget * sum(numel.values())
-    while total > limit * (1 + 1e-12):
-        best = None
-        for k in keys:
-            if level[k] + 1 >= len(steps[k]):
-                continue
-            cur, nxt = steps[k][level[k]], steps[k][level[k] + 1]
-            saved = cost[k] - stored_bits(nxt, raw_bits[k]) * numel[k]
-            ratio = (error_ratio or {}).get(k)
-            added = max(sensitivity[k], 0.0) * max(
-                variance_weight(nxt, ratio) - variance_weight(cur, ratio), 0.0)
-            score = (added / saved, k)
-            if best is None or score < best:
-                best = score
-        if best is None:
-            break  # everything is already at the cheapest format
-        k = best[1]
+
+    def candidate(k: str) -> tuple[float, str] | None:
+        """(added variance per bit saved, key) of k's next step down, None at the bottom."""
+        if level[k] + 1 >= len(steps[k]):
+            return None
+        cur, nxt = steps[k][level[k]], steps[k][level[k] + 1]
+        saved = cost[k] - stored_bits(nxt, raw_bits[k]) * numel[k]
+        ratio = (error_ratio or {}).get(k)
+        added = max(sensitivity[k], 0.0) * max(
+            variance_weight(nxt, ratio) - variance_weight(cur, ratio), 0.0)
+        return (added / saved, k)
+
+    # A key's candidate changes only when that key moves, so a heap of (score, key)
+    # picks exactly what a full scan for the minimum would (ties broken by key), in
+    # O(n log n) instead of O(n) per step: thousands of keys at LLM scale.
+    heap = [c for c in map(candidate, keys) if c is not None]
+    heapq.heapify(heap)
+    while total > limit * (1 + 1e-12) and heap:
+        _, k = heapq.heappop(heap)
         level[k] += 1
         new_cost = stored_bits(steps[k][level[k]], raw_bits[k]) * numel[k]
         total += new_cost - cost[k]
         cost[k] = new_cost
+        nxt = candidate(k)
+        if nxt is not None:
+            heapq.heappush(heap, nxt)
     return Plan(bits={k: steps[k][level[k]] for k in keys}, numel=dict(numel),
                 raw_bits=dict(raw_bits), fingerprint=fingerprint, budget=budget,
                 sensitivity={k: float(sensitivity[k]) for k in keys})

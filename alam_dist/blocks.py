@@ -37,9 +37,10 @@ class BlockStack:
     def _pattern(self) -> re.Pattern:
         return re.compile(rf"^{re.escape(self.prefix)}\.(\d+)([./].*)$")
 
-    def choose(self, n: int) -> list[int]:
-        """``n`` blocks evenly spaced over the stack, first and last included."""
-        if n >= self.count:
+    def choose(self, n: int | None) -> list[int]:
+        """``n`` blocks evenly spaced over the stack, first and last included (None:
+        every block)."""
+        if n is None or n >= self.count:
             return list(range(self.count))
         if n == 1:
             return [0]

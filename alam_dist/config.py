@@ -42,12 +42,14 @@ class ALAMConfig:
     """Probe round: "cheap" (default: a few representative transformer blocks, backward
     restarted at the probed block, a slice of the micro-batch; docs/controller.md) or
     "full" (every saved tensor, full backward passes, whole micro-batch: the reference)."""
-    probe_blocks: int = 3
-    """Cheap rounds: transformer blocks probed (evenly spaced, first and last included);
-    the other blocks' tensors get sensitivities interpolated from the same role."""
+    probe_blocks: int | None = None
+    """Cheap rounds: None (default) probes every block, the same statistic as the full
+    round; N probes N evenly spaced blocks (first and last included) and interpolates the
+    others per role -- several times cheaper, but on a real model (MiniLM) its plans lose
+    quality (docs/controller.md), so it is opt-in."""
     probe_batch_fraction: float = 0.25
-    """Cheap rounds: share of the micro-batch the probe forward uses (at least one
-    sample; a single sample is cut to a token prefix), through the integrations."""
+    """Cheap rounds: share of the micro-batch's samples the probe forward uses (at least
+    one; a one-sample micro-batch is used whole), through the integrations."""
     probe_granularity: str = "row"
     """GradNormVar's norm vector: "row" (per output row, default) or "param" (reference)."""
     min_numel: int = 1024
@@ -102,9 +104,10 @@ class ALAMConfig:
                              f"got {self.min_bits!r}")
         if self.probe not in ("cheap", "full"):
             raise ValueError(f"alam.probe must be 'cheap' or 'full', got {self.probe!r}")
-        if isinstance(self.probe_blocks, bool) or not isinstance(self.probe_blocks, int) \
-                or self.probe_blocks < 1:
-            raise ValueError(f"alam.probe_blocks must be a positive integer, got {self.probe_blocks!r}")
+        if self.probe_blocks is not None and (isinstance(self.probe_blocks, bool) or not isinstance(
+                self.probe_blocks, int) or self.probe_blocks < 1):
+            raise ValueError(f"alam.probe_blocks must be a positive integer or null (every "
+                             f"block), got {self.probe_blocks!r}")
         if isinstance(self.probe_batch_fraction, bool) or not isinstance(
                 self.probe_batch_fraction, (int, float)) or not 0 < self.probe_batch_fraction <= 1:
             raise ValueError(f"alam.probe_batch_fraction must be in (0, 1], got "
