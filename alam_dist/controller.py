@@ -207,9 +207,10 @@ class Controller:
         dropped -- so that no rank reaches the result gather while another is still
         gathering weights.
 
-        With ``probe="cheap"`` (default) and a model with a transformer block stack, only
-        ``probe_blocks`` blocks are probed, each pass restarts at the probed block's
-        output, and only those blocks' tensors are kept exact during the round
+        With ``probe="cheap"`` (default) and a model with a transformer block stack, each
+        pass restarts at the output of the block its tensor belongs to (the same
+        statistic); with ``probe_blocks=N`` only N blocks are probed, the others
+        interpolated, and only those blocks' tensors are kept exact during the round
         (docs/controller.md, "Probe cost"). Integrations also pass a slice of the
         micro-batch (:func:`slice_inputs`).
         """
@@ -226,9 +227,10 @@ class Controller:
             self.policy.stats = type(stats_before)()
             self.policy.seen.clear()
             if stack is not None:
-                keep = set(probed_blocks)
-                self.policy.record_exact = lambda key: stack.block_of(key) in keep \
-                    or stack.block_of(key) is None
+                if len(probed_blocks) < stack.count:  # others are interpolated: no exact copy
+                    keep = set(probed_blocks)
+                    self.policy.record_exact = lambda key: stack.block_of(key) in keep \
+                        or stack.block_of(key) is None
                 restarts = BlockRestarts({b: stack.modules[b] for b in probed_blocks})
             try:
                 loss = record_forward(self.policy, closure)
@@ -246,11 +248,10 @@ class Controller:
                                          keys=[j.key for g in groups for j in g],
                                          forward=refresh, restarts=restarts)
                 fixed_seconds = time.perf_counter() - start
-                exact = set(probe_round._exact)
                 local, padding, mine_count, group_cost = [], 0, 0, []
                 for group in groups:
                     group_start = time.perf_counter()
-                    mine = [j for j in self.collective.my_jobs(group) if j.key in exact]
+                    mine = [j for j in self.collective.my_jobs(group) if probe_round.has_exact(j.key)]
                     mine_count += len(mine)
                     local += [probe_round.run(job) for job in mine]
                     if collective_passes:

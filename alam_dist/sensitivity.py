@@ -247,6 +247,10 @@ class ProbeRound:
             return {f: 0.0 for f in self.formats}
         return {f: mse(f) / base for f in self.formats}
 
+    def has_exact(self, key: str) -> bool:
+        """Whether this rank's forward recorded ``key`` exactly (a job needs that)."""
+        return key in self._exact
+
     def jobs(self) -> list[ProbeJob]:
         return [ProbeJob(k, i) for i, k in enumerate(self.keys)]
 
