@@ -141,6 +141,8 @@ def _extensions() -> list[Pybind11Extension]:
     if _flag("ALAM_NO_NATIVE"):
         return []
     exts = [_cpu_extension()]
+    if _flag("ALAM_NO_CUDA") and _flag("ALAM_REQUIRE_CUDA"):
+        raise RuntimeError("ALAM_NO_CUDA=1 and ALAM_REQUIRE_CUDA=1 contradict each other: unset one")
     cuda_home = None if _flag("ALAM_NO_CUDA") else _find_cuda_home()
     if cuda_home is not None:
         exts.append(_cuda_extension(cuda_home))
