@@ -125,6 +125,14 @@ class Controller:
     # -- hooks ----------------------------------------------------------------------------
     def install_hook(self) -> "Controller":
         if self.config.enabled:
+            compiled = compiled_modules(self.model)
+            if compiled:
+                raise RuntimeError(
+                    f"alam_dist cannot compress the activations of torch.compile'd modules "
+                    f"({', '.join(compiled[:3])}): compiled graphs run saved-tensor hooks "
+                    "outside the graph (pytorch issue 148222), so ALAM would silently compress "
+                    "nothing. Apply ALAM to the model without torch.compile, or leave ALAM off "
+                    "for the compiled model.")
             self.policy.install()
         return self
 
@@ -349,7 +357,25 @@ class Controller:
         return out
 
     def step_done(self) -> None:
-        """Close the step: keep its memory statistics, advance the step counter."""
+        """Close the step: keep its memory statistics, advance the step counter.
+
+        Raises if the step's forwards never reached ALAM's hooks or saved nothing through
+        them (a compiled forward, a forward under no_grad, or a forward of another module
+        than the one ALAM was applied to): ALAM would be installed and compress nothing."""
+        s = self.policy.stats
+        if self.policy.installed and self.policy.compiled_forward_seen:
+            raise RuntimeError(
+                "alam_dist: the model was run through torch.compile after ALAM was installed; "
+                "compiled graphs save their activations outside saved-tensor hooks (pytorch "
+                "issue 148222), so almost nothing was compressed. Train the model without "
+                "torch.compile to use ALAM, or leave ALAM off for the compiled model.")
+        if self.policy.installed and s.tensors + s.skipped_weights + s.skipped_other == 0:
+            raise RuntimeError(
+                f"alam_dist: training step {self.step} saved no activation through ALAM's hooks "
+                f"({s.forwards} forward(s) of the model seen), so nothing was compressed. Usual "
+                "causes: the model (or a submodule) runs under torch.compile, which calls "
+                "saved-tensor hooks outside its graph; the forward ran under torch.no_grad(); "
+                "or the forward was of another module than the one ALAM was applied to.")
         self._last_stats = self.policy.stats
         self.policy.stats = type(self._last_stats)()
         self.step += 1
@@ -377,6 +403,18 @@ class Controller:
         self._step_times.append(seconds)
         times = sorted(self._step_times[-50:])
         self._step_seconds = times[len(times) // 2]
+
+
+def compiled_modules(model: torch.nn.Module) -> list[str]:
+    """Names of torch.compile'd modules in ``model``: the model itself when it is the
+    wrapper torch.compile returns, and every module compiled in place (module.compile())."""
+    names = []
+    if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+        names.append("<the model>")
+    for name, module in model.named_modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            names.append(name or "<the model>")
+    return names
 
 
 def slice_inputs(args: tuple, kwargs: dict, fraction: float) -> tuple[tuple, dict]:

@@ -114,6 +114,7 @@ class SavedTensorPolicy:
         self._calls: dict[str, int] = {}
         self._dedup: dict[tuple, tuple[weakref.ref, Saved]] = {}
         self._recorded: dict[str, torch.Tensor] = {}  # record mode: key -> exact tensor
+        self.compiled_forward_seen = False
         self._hooks_ctx = None
 
     # -- installation -------------------------------------------------------------------
@@ -139,6 +140,12 @@ class SavedTensorPolicy:
 
     # -- module tracking ----------------------------------------------------------------
     def _pre_hook(self, module, args):
+        if torch.compiler.is_compiling():
+            # dynamo is tracing this forward: the compiled graph will save its tensors
+            # without our hooks. Recorded (dynamo replays the write) so the controller
+            # can refuse the step instead of reporting a compression that did not happen.
+            self.compiled_forward_seen = True
+            return
         if not self._stack:
             if torch._C._current_graph_task_id() != -1:
                 return  # a forward run by backward (checkpoint recompute): not ours
