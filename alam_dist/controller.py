@@ -201,7 +201,7 @@ class Controller:
         return self.config.enabled and self.step in self.config.probe_steps_resolved()
 
     def probe(self, closure: Callable[[], object], *, forward_per_pass: bool = False,
-              collective_passes: bool = False) -> Plan:
+              collective_passes: bool = False, batch_share: tuple[int, int] = (1, 1)) -> Plan:
         """Run one GradNormVar round with ``closure`` as the forward, allocate, set the plan.
 
         ``closure`` runs the model's forward and returns the loss (or calls
@@ -220,7 +220,9 @@ class Controller:
         statistic); with ``probe_blocks=N`` only N blocks are probed, the others
         interpolated, and only those blocks' tensors are kept exact during the round
         (docs/controller.md, "Probe cost"). Integrations also pass a slice of the
-        micro-batch (:func:`slice_inputs`).
+        micro-batch (:func:`slice_inputs`) and its ``batch_share`` (kept, total samples),
+        so that the probe sees exactly the tensors training saves (``min_numel`` is
+        judged at training size).
         """
         if not self.policy.installed:
             raise RuntimeError("install_hook() before probing")
@@ -234,6 +236,7 @@ class Controller:
         with preserved_training_state(self.model, params):
             self.policy.stats = type(stats_before)()
             self.policy.seen.clear()
+            self.policy.size_share = batch_share
             if stack is not None:
                 if len(probed_blocks) < stack.count:  # others are interpolated: no exact copy
                     keep = set(probed_blocks)
@@ -271,6 +274,7 @@ class Controller:
                 del loss, probe_round
             finally:
                 self.policy.record_exact = None
+                self.policy.size_share = (1, 1)
                 self.policy.release_recorded()
                 if restarts is not None:
                     restarts.remove()
@@ -417,18 +421,18 @@ def compiled_modules(model: torch.nn.Module) -> list[str]:
     return names
 
 
-def slice_inputs(args: tuple, kwargs: dict, fraction: float) -> tuple[tuple, dict]:
+def slice_inputs(args: tuple, kwargs: dict, fraction: float) -> tuple[tuple, dict, tuple[int, int]]:
     """The first ``ceil(batch * fraction)`` samples of a forward's inputs (at least one):
     every tensor argument whose first dimension is the batch size (that of the first
     tensor argument) is cut, the rest passed as is. Samples, not tokens: a token prefix
     would shrink attention-sized tensors quadratically and skew the sizes the allocator
-    weighs tensors by. A micro-batch of one sample is used whole."""
-    if fraction >= 1:
-        return args, kwargs
+    weighs tensors by. A micro-batch of one sample is used whole. Returns the sliced
+    arguments and (kept, total) samples: pass it to :meth:`Controller.probe` as
+    ``batch_share``."""
     first = next((t for t in (*args, *kwargs.values())
                   if isinstance(t, torch.Tensor) and t.dim() >= 1), None)
-    if first is None or first.shape[0] <= 1:
-        return args, kwargs
+    if fraction >= 1 or first is None or first.shape[0] <= 1:
+        return args, kwargs, (1, 1)
     batch = first.shape[0]
     rows = max(1, math.ceil(batch * fraction))
 
@@ -437,7 +441,7 @@ def slice_inputs(args: tuple, kwargs: dict, fraction: float) -> tuple[tuple, dic
             return t[:rows]
         return t
 
-    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}, (rows, batch)
 
 
 def _stats_report(s: StepStats) -> dict:

@@ -115,9 +115,10 @@ class DeepSpeedALAM:
                     # engine.backward; at stage 3 an extra engine forward + grad changes
                     # later steps); ZeRO-3's parameter gathering lives on the modules.
                     # cheap rounds probe a slice of the micro-batch (alam.probe_batch_fraction)
-                    pargs, pkwargs = (slice_inputs(args, kwargs, ctl.config.probe_batch_fraction)
-                                      if ctl.config.probe == "cheap" else (args, kwargs))
-                    self.probe(lambda: _loss_of(module(*pargs, **pkwargs)))
+                    pargs, pkwargs, share = (
+                        slice_inputs(args, kwargs, ctl.config.probe_batch_fraction)
+                        if ctl.config.probe == "cheap" else (args, kwargs, (1, 1)))
+                    self.probe(lambda: _loss_of(module(*pargs, **pkwargs)), batch_share=share)
             return forward(*args, **kwargs)
 
         def alam_step(*args, **kwargs):
@@ -149,7 +150,7 @@ class DeepSpeedALAM:
         engine.load_checkpoint = alam_load_checkpoint
         engine.alam = self
 
-    def probe(self, closure) -> Plan:
+    def probe(self, closure, batch_share: tuple[int, int] = (1, 1)) -> Plan:
         """One probe round with ``closure`` (a forward of ``engine.module`` returning the
         loss), as the integration runs it. ZeRO-3 re-partitions weights after each
         backward, so each probe pass there gets its own forward, and every pass gathers
@@ -158,7 +159,7 @@ class DeepSpeedALAM:
         self._in_probe = True
         try:
             return self.controller.probe(closure, forward_per_pass=zero3,
-                                         collective_passes=zero3)
+                                         collective_passes=zero3, batch_share=batch_share)
         finally:
             self._in_probe = False
 

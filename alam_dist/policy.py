@@ -96,6 +96,9 @@ class SavedTensorPolicy:
     def __init__(self, model: torch.nn.Module, *, min_numel: int = 1024, backend: str = "auto"):
         self.model = model
         self.min_numel = min_numel
+        # (kept, total) samples of a sliced probe forward: a tensor is "small" when the
+        # training-size tensor would be, i.e. numel * total < min_numel * kept
+        self.size_share: tuple[int, int] = (1, 1)
         self.backend = backend
         self.mode = "compress"
         self.bits_for: Callable[[str, torch.Tensor], float] = lambda key, t: 32
@@ -216,7 +219,8 @@ class SavedTensorPolicy:
         if not is_mask and self.is_weight(t):
             self.stats.skipped_weights += 1
             return t
-        if not is_mask and (t.dtype not in _FLOATS or t.numel() < self.min_numel):
+        kept, total = self.size_share
+        if not is_mask and (t.dtype not in _FLOATS or t.numel() * total < self.min_numel * kept):
             # Kept as is, but still activation memory: counted on both sides of the ratio.
             nbytes = t.numel() * t.element_size()
             self.stats.skipped_other += 1

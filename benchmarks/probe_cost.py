@@ -95,8 +95,8 @@ def cheap_round(depth, args, probe_blocks=None, fraction=None):
     cfg = alam_dist.ALAMConfig(bits=1, probe="cheap", probe_blocks=probe_blocks,
                                probe_batch_fraction=fraction or args.fraction)
     ctl = alam_dist.apply(model, cfg)
-    (x,), _ = slice_inputs((batch(args),), {}, cfg.probe_batch_fraction)
-    ctl.probe(lambda: model(input_ids=x, labels=x).loss)
+    (x,), _, share = slice_inputs((batch(args),), {}, cfg.probe_batch_fraction)
+    ctl.probe(lambda: model(input_ids=x, labels=x).loss, batch_share=share)
     return ctl
 
 
@@ -204,8 +204,8 @@ def child(spec: dict) -> None:
                                                           probe_blocks=blocks))
         model(input_ids=x, labels=x).loss.backward()
         ctl.step_done()
-        (xs,), _ = slice_inputs((x,), {}, args.fraction)
-        fn = lambda: ctl.probe(lambda: model(input_ids=xs, labels=xs).loss)  # noqa: E731
+        (xs,), _, share = slice_inputs((x,), {}, args.fraction)
+        fn = lambda: ctl.probe(lambda: model(input_ids=xs, labels=xs).loss, batch_share=share)  # noqa: E731
     else:  # full round: record forward + the first job (its peak)
         ctl = alam_dist.apply(model, alam_dist.ALAMConfig(bits=1, probe="full"))
         model(input_ids=x, labels=x).loss.backward()
@@ -250,9 +250,9 @@ def real_model_rows(args) -> list[dict]:
     def round_(mode, blocks=None):
         model = AutoModel.from_pretrained(path, local_files_only=True).eval()
         ctl = alam_dist.apply(model, alam_dist.ALAMConfig(bits=1, probe=mode, probe_blocks=blocks))
-        _, kw = slice_inputs((), enc, args.fraction) if mode == "cheap" else ((), enc)
+        _, kw, share = slice_inputs((), enc, args.fraction) if mode == "cheap" else ((), enc, (1, 1))
         t = time.perf_counter()
-        ctl.probe(lambda: model(**kw).last_hidden_state.pow(2).mean())
+        ctl.probe(lambda: model(**kw).last_hidden_state.pow(2).mean(), batch_share=share)
         return ctl, time.perf_counter() - t
 
     full, full_s = round_("full")

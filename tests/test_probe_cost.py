@@ -82,11 +82,13 @@ def test_cheap_round_keeps_only_probed_blocks_exact_and_releases_them():
 def test_slice_inputs_cuts_samples_only():
     ids, mask = torch.zeros(8, 16, dtype=torch.long), torch.ones(8, 16)
     table = torch.zeros(5, 16)  # not batch-shaped: passed as is
-    args, kwargs = slice_inputs((ids,), {"attention_mask": mask, "table": table, "n": 3}, 0.25)
+    args, kwargs, share = slice_inputs((ids,), {"attention_mask": mask, "table": table, "n": 3}, 0.25)
+    assert share == (2, 8)
     assert args[0].shape == (2, 16) and kwargs["attention_mask"].shape == (2, 16)
     assert kwargs["table"] is table and kwargs["n"] == 3
     one = torch.zeros(1, 16)
     assert slice_inputs((one,), {}, 0.1)[0][0] is one  # one sample: used whole
+    assert slice_inputs((one,), {}, 0.1)[2] == (1, 1)
     assert slice_inputs((ids,), {}, 1.0)[0][0] is ids
     assert slice_inputs((ids,), {}, 0.01)[0][0].shape[0] == 1
 
@@ -152,3 +154,20 @@ def test_heap_allocator_matches_the_scan_oracle():
         for budget in (0.5, 1, 2, 4, 8):
             plan = allocate(sens, numel, raw, budget, (32, 8, 4, 2, 0.5), error_ratio=ratio, floors=floors)
             assert plan.bits == _scan_allocate(sens, numel, raw, budget, (32, 8, 4, 2, 0.5), ratio, floors)
+
+
+def test_a_sliced_probe_plans_every_tensor_training_saves():
+    """min_numel is judged at training size: the RMSNorm variance [4, 64, 1] has exactly
+    min_numel=256 elements in training but 64 in a one-sample probe slice; a probe that
+    judged it at slice size left it out of the plan, and training then raised
+    PlanMismatchError (found by the main job at min_numel=1024, 4 x 256 tokens)."""
+    model = tiny_llama(seed=0, layers=2)
+    ctl = alam_dist.apply(model, alam_dist.ALAMConfig(bits=2, min_numel=256))
+    x = token_batch(4, 64, seed=1)
+    (xs,), _, share = slice_inputs((x,), {}, 0.25)
+    assert share == (1, 4)
+    ctl.probe(lambda: model(input_ids=xs, labels=xs).loss, batch_share=share)
+    assert any(k.endswith("input_layernorm/0.1") for k in ctl.plan.bits)
+    model(input_ids=x, labels=x).loss.backward()  # every saved tensor is in the plan
+    ctl.step_done()
+    assert set(ctl.memory_report()["bits"]) == set(ctl.plan.bits)
