@@ -21,9 +21,11 @@ Seed-compatible use (also available as ``import alam``)::
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
+import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -117,7 +119,7 @@ class Controller:
         self._blocks = find_blocks(model)
         self._default_bits = _uniform_bits(self.config.bits, self.config.ladder)
         self._mismatch_warned: set[str] = set()
-        self._step_times: list[float] = []
+        self._step_times: collections.deque[float] = collections.deque(maxlen=50)
         self._step_seconds: float | None = None
         if self.config.load_plan_path:
             self.load_plan(self.config.load_plan_path)
@@ -402,11 +404,10 @@ class Controller:
         return cost
 
     def note_step_seconds(self, seconds: float) -> None:
-        """Tell the controller how long a (non-probe) training step took; it keeps the
-        median, which turns probe seconds into step-equivalents."""
+        """Tell the controller how long a (non-probe) training step took; the median of
+        the last 50 turns probe seconds into step-equivalents."""
         self._step_times.append(seconds)
-        times = sorted(self._step_times[-50:])
-        self._step_seconds = times[len(times) // 2]
+        self._step_seconds = statistics.median_high(self._step_times)
 
 
 def compiled_modules(model: torch.nn.Module) -> list[str]:

@@ -115,9 +115,8 @@ class DeepSpeedALAM:
                     # engine.backward; at stage 3 an extra engine forward + grad changes
                     # later steps); ZeRO-3's parameter gathering lives on the modules.
                     # cheap rounds probe a slice of the micro-batch (alam.probe_batch_fraction)
-                    pargs, pkwargs, share = (
-                        slice_inputs(args, kwargs, ctl.config.probe_batch_fraction)
-                        if ctl.config.probe == "cheap" else (args, kwargs, (1, 1)))
+                    fraction = ctl.config.probe_batch_fraction if ctl.config.probe == "cheap" else 1.0
+                    pargs, pkwargs, share = slice_inputs(args, kwargs, fraction)
                     self.probe(lambda: _loss_of(module(*pargs, **pkwargs)), batch_share=share)
             return forward(*args, **kwargs)
 

@@ -32,7 +32,7 @@ AQ, Q8 = 0.5, 8
 @dataclass(frozen=True)
 class ProbeJob:
     key: str
-    index: int  # position in the job's group: what rank-sharding splits on
+    index: int  # position in the round's job order (across groups): what rank-sharding splits on
     start: int | None = None
     """Where its backward passes start: None at the loss, else at the output of this
     transformer block (cheap rounds; see :class:`BlockRestarts`)."""

@@ -250,7 +250,7 @@ def real_model_rows(args) -> list[dict]:
     def round_(mode, blocks=None):
         model = AutoModel.from_pretrained(path, local_files_only=True).eval()
         ctl = alam_dist.apply(model, alam_dist.ALAMConfig(bits=1, probe=mode, probe_blocks=blocks))
-        _, kw, share = slice_inputs((), enc, args.fraction) if mode == "cheap" else ((), enc, (1, 1))
+        _, kw, share = slice_inputs((), enc, args.fraction if mode == "cheap" else 1.0)
         t = time.perf_counter()
         ctl.probe(lambda: model(**kw).last_hidden_state.pow(2).mean(), batch_share=share)
         return ctl, time.perf_counter() - t

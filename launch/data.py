@@ -10,7 +10,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol  # noqa: F401
+from typing import Iterator, Protocol
 
 import torch
 

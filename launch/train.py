@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -340,11 +341,11 @@ def main(argv: list[str] | None = None) -> dict:
                 "train_step": step + 1, "train_position": [int(p) for p in positions]})
     if bar:
         bar.close()
+    train_steps = [r["step_s"] for r in history if not r["probe_step"]]
     summary = {"alam": bool(alam), "world_size": world, "steps": args.max_steps,
                "final_loss": history[-1]["loss"] if history else None,
                "memory": (alam or meter).memory_report() if history else None,
-               "median_step_s": sorted(r["step_s"] for r in history if not r["probe_step"])[
-                   len([r for r in history if not r["probe_step"]]) // 2] if history else None}
+               "median_step_s": statistics.median_high(train_steps) if train_steps else None}
     if rank == 0:
         report = summary["memory"] or {}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))

@@ -66,6 +66,7 @@ def available_backends() -> dict[str, bool]:
 
 _CUDA_UNUSABLE: dict[int, str] = {}  # device index -> why the kernels cannot run there
 _CUDA_CHECKED: set[int] = set()
+_WARNED: set[int] = set()  # devices the auto fallback already warned about
 
 
 def _device_index(device: torch.device) -> int:
@@ -128,8 +129,6 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
                                "the reference codec) or rebuild for this GPU")
     return backend
 
-
-_WARNED: set[int] = set()
 
 
 def _cuda_target(device: torch.device) -> tuple[int, int]:
