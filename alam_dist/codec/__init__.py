@@ -10,10 +10,18 @@
     >>> y.shape, y.dtype
     (torch.Size([4096]), torch.bfloat16)
 
-``bits``: 0.5 (average quantization: means of 4 values at 2 bits; the seed's alias
-``1`` is accepted), 2, 4, 8 (stochastic group quantization, groups of 128), 16 (kept
-in 16 bits: bfloat16 for fp32 inputs), 32 (kept as is). bool and uint8 0/1 masks are
-bit-packed losslessly whatever ``bits`` says. Format details: docs/codec.md.
+``formats`` picks the family the numbers of ``bits`` name:
+
+* ``"seed"`` (the ALAM paper's): 0.5 (average quantization: means of 4 values at 2 bits;
+  the seed's alias ``1`` is accepted), 2, 4, 8 (stochastic rounding in groups of 128
+  with fp32 min and scale);
+* ``"rotated"``: 1, 2, 4, 8 (each group of 128 sign-flipped and Walsh-Hadamard rotated,
+  then rounded to nearest on symmetric levels with one bfloat16 step per group), and
+  0.5 (average quantization, as above).
+
+In both, 16 keeps a tensor in 16 bits (bfloat16 for fp32 inputs) and 32 keeps it as is;
+bool and uint8 0/1 masks are bit-packed losslessly whatever ``bits`` says. Format
+details and measurements: docs/codec.md.
 
 ``backend``: "reference" (pure torch, the ground truth), "cpp" (CPU kernels), "cuda"
 (CUDA kernels) or "auto" (the fastest built one for the tensor's device). All backends
@@ -29,28 +37,41 @@ from alam_dist import _native
 from alam_dist.codec import reference
 from alam_dist.codec.packed import PackedTensor
 
-__all__ = ["ALLOWED_BITS", "PackedTensor", "available_backends", "cuda_unusable_reason", "decode",
+__all__ = ["ALLOWED_BITS", "FORMATS", "ROTATED_ALLOWED_BITS", "PackedTensor", "allowed_bits", "available_backends", "cuda_unusable_reason", "decode",
            "encode", "validate"]
 
 ALLOWED_BITS = (0.5, 2, 4, 8, 16, 32)
-"""Valid ``bits`` values (plus ``1``, the seed code's alias for 0.5)."""
+"""Valid ``bits`` values of the seed formats (plus ``1``, the seed code's alias for 0.5)."""
+ROTATED_ALLOWED_BITS = (0.5, 1, 2, 4, 8, 16, 32)
+"""Valid ``bits`` values of the rotated formats."""
+FORMATS = ("seed", "rotated")
 
 BACKENDS = ("auto", "reference", "cpp", "cuda")
 _QUANT_FORMATS = {0.5: "aq", 2: "q2", 4: "q4", 8: "q8"}
 _KERNEL_BITS = {"aq": 0, "q2": 2, "q4": 4, "q8": 8}
+_ROTATED = {"h1": 1, "h2": 2, "h4": 4, "h8": 8}
 _FLOAT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _MASK_DTYPES = (torch.bool, torch.uint8)
 
 
-def normalize_bits(bits: float) -> float:
-    """Validate ``bits`` and map the seed's alias 1 to 0.5."""
+def allowed_bits(formats: str = "seed") -> tuple[float, ...]:
+    """The ``bits`` values a format family accepts."""
+    if formats not in FORMATS:
+        raise ValueError(f"formats={formats!r}; choose one of {FORMATS}")
+    return ROTATED_ALLOWED_BITS if formats == "rotated" else ALLOWED_BITS
+
+
+def normalize_bits(bits: float, formats: str = "seed") -> float:
+    """Validate ``bits`` for ``formats`` (for "seed", map the alias 1 to 0.5)."""
+    allowed = allowed_bits(formats)
     if isinstance(bits, bool) or not isinstance(bits, (int, float)):
-        raise ValueError(f"bits must be a number in {ALLOWED_BITS}, got {bits!r}")
-    if bits == 1:
+        raise ValueError(f"bits must be a number in {allowed}, got {bits!r}")
+    if bits == 1 and formats == "seed":
         return 0.5
-    if bits not in ALLOWED_BITS:
-        raise ValueError(f"bits={bits!r} is not a supported format; allowed values are "
-                         f"{ALLOWED_BITS} (1 is accepted as an alias of 0.5)")
+    if bits not in allowed:
+        alias = " (1 is accepted as an alias of 0.5)" if formats == "seed" else ""
+        raise ValueError(f"bits={bits!r} is not a supported {formats} format; allowed values "
+                         f"are {allowed}{alias}")
     return float(bits) if bits == 0.5 else int(bits)
 
 
@@ -145,16 +166,18 @@ def _is_mask(x: torch.Tensor) -> bool:
     return x.dtype == torch.uint8 and (x.numel() == 0 or int(x.max()) <= 1)
 
 
-def encode(x: torch.Tensor, bits: float, *, seed: int = 0, backend: str = "auto") -> PackedTensor:
-    """Encode ``x`` in the format ``bits`` (see the module docstring).
+def encode(x: torch.Tensor, bits: float, *, seed: int = 0, backend: str = "auto",
+           formats: str = "seed") -> PackedTensor:
+    """Encode ``x`` in the format ``bits`` of the family ``formats`` (module docstring).
 
-    ``seed`` (any int, taken mod 2**64) fixes the stochastic rounding: the same seed gives
-    the same bytes on every backend, rank and run. Raises ``ValueError`` for bits outside
-    the ladder, unsupported dtypes and backends that cannot run on ``x``'s device.
+    ``seed`` (any int, taken mod 2**64) fixes the stochastic rounding (and, for rotated
+    formats, the sign flips): the same seed gives the same bytes on every backend, rank
+    and run. Raises ``ValueError`` for bits outside the family, unsupported dtypes and
+    backends that cannot run on ``x``'s device.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"encode expects a torch.Tensor, got {type(x).__name__}")
-    fmt_bits = normalize_bits(bits)
+    fmt_bits = normalize_bits(bits, formats)
     seed = int(seed) & ((1 << 64) - 1)
     shape, dtype, device = x.shape, x.dtype, x.device
     if x.dtype in _MASK_DTYPES:
@@ -171,13 +194,15 @@ def encode(x: torch.Tensor, bits: float, *, seed: int = 0, backend: str = "auto"
         return PackedTensor("raw", shape, dtype, device, x)
     if fmt_bits == 16:
         return PackedTensor("bf16", shape, dtype, device, x.to(torch.bfloat16))
-    fmt = _QUANT_FORMATS[fmt_bits]
-    kbits = _KERNEL_BITS[fmt]
     flat = x.detach().reshape(-1)
     if not flat.is_contiguous():
         flat = flat.contiguous()
     n = flat.numel()
     resolved = _resolve_backend(backend, device)
+    if formats == "rotated" and fmt_bits != 0.5:
+        return _encode_rotated(flat, int(fmt_bits), seed, shape, dtype, device, resolved)
+    fmt = _QUANT_FORMATS[fmt_bits]
+    kbits = _KERNEL_BITS[fmt]
     if resolved == "reference":
         payload, meta = reference.quantize(flat, kbits, seed)
     else:
@@ -190,6 +215,23 @@ def encode(x: torch.Tensor, bits: float, *, seed: int = 0, backend: str = "auto"
         else:
             _native.cuda.quantize(*args, *_cuda_target(device))
     return PackedTensor(fmt, shape, dtype, device, payload, meta)
+
+
+def _encode_rotated(flat, bits, seed, shape, dtype, device, resolved) -> PackedTensor:
+    n = flat.numel()
+    if resolved == "reference":
+        payload, meta = reference.quantize_rotated(flat, bits, seed)
+    else:
+        payload = torch.empty(reference.rotated_payload_bytes(n, bits), dtype=torch.uint8,
+                              device=device)
+        meta = torch.empty(reference.num_groups(n, bits), dtype=torch.bfloat16, device=device)
+        args = (flat.data_ptr(), _FLOAT_CODES[dtype], n, bits, seed, payload.data_ptr(),
+                meta.data_ptr())
+        if resolved == "cpp":
+            _native.cpu.quantize_rotated(*args)
+        else:
+            _native.cuda.quantize_rotated(*args, *_cuda_target(device))
+    return PackedTensor(f"h{bits}", shape, dtype, device, payload, meta, seed=seed)
 
 
 def _encode_mask(x, shape, dtype, device, backend) -> PackedTensor:
@@ -243,9 +285,17 @@ def validate(packed: PackedTensor) -> None:
         kbits = _KERNEL_BITS[fmt]
         _check_buffer("payload", packed.data, torch.uint8, reference.payload_bytes(n, kbits), packed)
         _check_buffer("meta", packed.meta, torch.float32, 2 * reference.num_groups(n, kbits), packed)
+    elif fmt in _ROTATED:
+        if packed.dtype not in _FLOAT_CODES:
+            raise ValueError(f"cannot decode {packed!r}: dtype {packed.dtype} is not a "
+                             "quantizable float dtype")
+        bits = _ROTATED[fmt]
+        _check_buffer("payload", packed.data, torch.uint8,
+                      reference.rotated_payload_bytes(n, bits), packed)
+        _check_buffer("meta", packed.meta, torch.bfloat16, reference.num_groups(n, bits), packed)
     else:
         raise ValueError(f"cannot decode {packed!r}: unknown format {fmt!r} (known: "
-                         f"{sorted(_KERNEL_BITS) + ['bf16', 'mask', 'raw']})")
+                         f"{sorted(_KERNEL_BITS) + sorted(_ROTATED) + ['bf16', 'mask', 'raw']})")
 
 
 def decode(packed: PackedTensor, *, backend: str = "auto") -> torch.Tensor:
@@ -271,6 +321,20 @@ def decode(packed: PackedTensor, *, backend: str = "auto") -> torch.Tensor:
                                          *_cuda_target(packed.device))
         if packed.dtype == torch.bool:
             out = out.view(torch.bool)
+        return out.view(packed.shape)
+    if fmt in _ROTATED:
+        bits = _ROTATED[fmt]
+        if resolved == "reference":
+            out = reference.dequantize_rotated(packed.data, packed.meta, n, bits, packed.seed,
+                                               packed.dtype)
+        else:
+            out = torch.empty(n, dtype=packed.dtype, device=packed.device)
+            args = (packed.data.data_ptr(), packed.meta.data_ptr(), n, bits, packed.seed,
+                    _FLOAT_CODES[packed.dtype], out.data_ptr())
+            if resolved == "cpp":
+                _native.cpu.dequantize_rotated(*args)
+            else:
+                _native.cuda.dequantize_rotated(*args, *_cuda_target(packed.device))
         return out.view(packed.shape)
     kbits = _KERNEL_BITS[fmt]
     if resolved == "reference":

@@ -11,7 +11,7 @@ class PackedTensor:
     """An encoded tensor. Decode it with :func:`alam_dist.codec.decode`.
 
     ``format`` is one of ``"aq"`` (0.5 bit), ``"q2"``, ``"q4"``, ``"q8"`` (group
-    quantization), ``"mask"`` (1 bit, lossless), ``"bf16"`` (an fp32 tensor kept in
+    quantization), ``"h1"``, ``"h2"``, ``"h4"``, ``"h8"`` (rotated groups), ``"mask"`` (1 bit, lossless), ``"bf16"`` (an fp32 tensor kept in
     bfloat16) or ``"raw"`` (kept as is; ``data`` is the original tensor).
     """
 
@@ -22,7 +22,11 @@ class PackedTensor:
     data: torch.Tensor
     """uint8 payload for aq/q*/mask; the kept tensor for bf16/raw."""
     meta: torch.Tensor | None = None
-    """fp32 [groups, 2] of (min, scale) for aq/q*; None otherwise."""
+    """fp32 [groups, 2] of (min, scale) for aq/q*; bfloat16 [groups] steps for h*; None
+    otherwise."""
+    seed: int = 0
+    """h*: the encode seed, which fixes the sign flips decoding must undo (one int per
+    tensor, not counted in ``nbytes``)."""
 
     @property
     def numel(self) -> int:

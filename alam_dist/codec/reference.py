@@ -189,3 +189,133 @@ def unpack_mask(payload: torch.Tensor, n: int) -> torch.Tensor:
     shifts = torch.arange(8, device=payload.device, dtype=torch.int32)
     bits = (payload.to(torch.int32)[:, None] >> shifts) & 1
     return bits.reshape(-1)[:n].to(torch.uint8)
+
+
+# -- rotated formats ("h1", "h2", "h4", "h8") ------------------------------------------
+#
+# Per group of GROUP values (the tail group padded with zeros): flip the signs given by
+# :func:`rotation_signs`, apply the unnormalised Walsh-Hadamard transform (7 butterfly
+# stages, v[i], v[i+h] <- v[i] + v[i+h], v[i] - v[i+h] for h = 1, 2, ..., 64), then round
+# each rotated value to the nearest of 2**b symmetric levels (q - L/2) * step, L = 2**b - 1.
+# ``step`` is one bfloat16 per group: the covering step (absmax + absmax) / L rounded
+# *up* to bfloat16 (b >= 4); for b <= 2 a clipping step from mean|r| (:data:`MEAN_STEP`,
+# mean|r| summed in the fixed tree of :func:`_tree_abs_sum`, rounded to nearest), for b = 2
+# no larger than the covering step. Values beyond the last level are clipped to it. Decoding applies
+# the inverse: levels, the same butterflies, times 1/GROUP (exact), the same signs.
+# The rotation spreads an outlier channel's energy over its group, so one range fits all
+# values; round-to-nearest then has a quarter of stochastic rounding's variance.
+
+ROTATED_BITS = (1, 2, 4, 8)
+MEAN_STEP = {1: 2.0, 2: 1.25}
+"""step = MEAN_STEP[b] * mean|r| for b <= 2: the mean-square-optimal sign code (b = 1) and
+close to the optimal 4-level uniform step for a Gaussian (0.996 sigma, mean|r| being
+0.798 sigma); for b = 2 the smaller of that and the covering step, which is better for
+a group dominated by one outlier (its rotated values are +-A plus small noise)."""
+
+
+def rotation_signs(seed: int, device) -> torch.Tensor:
+    """Bool [GROUP]: which positions of every group are negated before the transform."""
+    k0, _ = seed_keys(seed)
+    j = torch.arange(GROUP, dtype=torch.int64, device=device)
+    return (_fmix32(j ^ k0) >> 31) == 1
+
+
+def _fwht(v: torch.Tensor) -> torch.Tensor:
+    """Unnormalised Walsh-Hadamard transform of each row of [groups, GROUP] (fp32)."""
+    ng = v.shape[0]
+    h = 1
+    while h < GROUP:
+        w = v.reshape(ng, GROUP // (2 * h), 2, h)
+        a, b = w[:, :, 0], w[:, :, 1]
+        v = torch.stack([a + b, a - b], dim=2).reshape(ng, GROUP)
+        h *= 2
+    return v
+
+
+def _tree_abs_sum(r: torch.Tensor) -> torch.Tensor:
+    """Sum of |r| per row in the order the CUDA warp uses: 4 values per lane left to
+    right, then xor-butterfly across 32 lanes (every lane ends with the same sum)."""
+    a = r.abs().reshape(-1, 32, 4)
+    p = ((a[..., 0] + a[..., 1]) + a[..., 2]) + a[..., 3]
+    lanes = torch.arange(32, device=r.device)
+    for off in (16, 8, 4, 2, 1):
+        p = p + p[:, lanes ^ off]
+    return p[:, 0]
+
+
+def _bf16_bits_round_up(x: torch.Tensor) -> torch.Tensor:
+    """Non-negative finite fp32 -> the smallest bfloat16 >= x, as int32 bit patterns."""
+    u = x.view(torch.int32).to(torch.int64)
+    up = torch.where((u & 0xFFFF) != 0, (u & ~0xFFFF) + 0x10000, u)
+    return (up >> 16).to(torch.int32)
+
+
+def _bf16_bits_nearest(x: torch.Tensor) -> torch.Tensor:
+    u = x.view(torch.int32).to(torch.int64) & _M32
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(torch.int32)
+
+
+def _bf16_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    return (bits.to(torch.int32) << 16).view(torch.float32)
+
+
+def rotated_payload_bytes(n: int, bits: int) -> int:
+    return -(-n // GROUP) * GROUP * bits // 8
+
+
+def quantize_rotated(x: torch.Tensor, bits: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat float tensor -> (uint8 payload, bfloat16 step per group)."""
+    n = x.numel()
+    ng = -(-n // GROUP)
+    if n == 0:
+        return (torch.empty(0, dtype=torch.uint8, device=x.device),
+                torch.empty(0, dtype=torch.bfloat16, device=x.device))
+    v = torch.cat([x.to(torch.float32), x.new_zeros(ng * GROUP - n, dtype=torch.float32)])
+    v = v.view(ng, GROUP)
+    v = torch.where(rotation_signs(seed, x.device), -v, v)
+    r = _fwht(v)
+    levels = (1 << bits) - 1
+    finite = torch.isfinite(r).all(dim=1)
+    if bits <= 2:
+        mean = _tree_abs_sum(r) * _f32(1.0 / GROUP, r)
+        step_bits = _bf16_bits_nearest(mean * _f32(MEAN_STEP[bits], r))
+    if bits >= 2:
+        m = r.abs().amax(dim=1)
+        cover = _bf16_bits_round_up((m + m) / _f32(levels, r))
+        step_bits = cover if bits > 2 else torch.minimum(step_bits, cover)
+    step = _bf16_from_bits(step_bits)
+    bad = ~finite | ~torch.isfinite(step)
+    ones = torch.ones_like(step)
+    inv = ones / torch.where(step == 0, ones, step)
+    t = r * inv[:, None] + _f32((levels + 1) / 2, r)
+    t = torch.where(t > 0, t, torch.zeros_like(t))
+    t = torch.where(t < levels, t, torch.full_like(t, levels))
+    q = torch.floor(t)
+    q = torch.where(bad[:, None], torch.zeros_like(q), q)
+    # All GROUP rotated values of the tail group are stored: each one carries part of
+    # every input value of the group.
+    per_byte = 8 // bits
+    q = q.to(torch.int32).view(-1, per_byte)
+    shifts = torch.arange(per_byte, device=x.device, dtype=torch.int32) * bits
+    payload = (q << shifts).sum(dim=1).to(torch.uint8)
+    step_bits = torch.where(bad, torch.full_like(step_bits, NAN_BITS[torch.bfloat16]), step_bits)
+    return payload, step_bits.to(torch.int16).view(torch.bfloat16)
+
+
+def dequantize_rotated(payload: torch.Tensor, meta: torch.Tensor, n: int, bits: int, seed: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`quantize_rotated` (the seed gives the same signs)."""
+    if n == 0:
+        return torch.empty(0, dtype=dtype, device=payload.device)
+    ng = meta.shape[0]
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=payload.device, dtype=torch.int32) * bits
+    q = (payload.to(torch.int32)[:, None] >> shifts) & ((1 << bits) - 1)
+    q = q.reshape(ng, GROUP)
+    step = meta.to(torch.float32)
+    levels = (1 << bits) - 1
+    r = (q.to(torch.float32) - _f32(levels / 2, step)) * step[:, None]
+    v = _fwht(r) * _f32(1.0 / GROUP, step)
+    v = torch.where(rotation_signs(seed, payload.device), -v, v)
+    nan = torch.isnan(step)[:, None].expand(ng, GROUP).reshape(-1)[:n]
+    return with_nan_pattern(v.reshape(-1)[:n].to(dtype), nan)

@@ -22,6 +22,17 @@ PYBIND11_MODULE(_C, m) {
                          uintptr_t out) {
     alam_cpu_dequantize(ptr<const uint8_t>(payload), ptr<const float>(meta), n, bits, dtype, ptr<void>(out));
   }, nogil);
+  m.def("quantize_rotated", [](uintptr_t x, int dtype, int64_t n, int bits, uint64_t seed,
+                               uintptr_t payload, uintptr_t meta) {
+    alam_cpu_quantize_rotated(ptr<const void>(x), dtype, n, bits, seed, ptr<uint8_t>(payload),
+                              ptr<uint16_t>(meta));
+  }, nogil);
+  m.def("dequantize_rotated", [](uintptr_t payload, uintptr_t meta, int64_t n, int bits,
+                                 uint64_t seed, int dtype, uintptr_t out) {
+    alam_cpu_dequantize_rotated(ptr<const uint8_t>(payload), ptr<const uint16_t>(meta), n, bits,
+                                seed, dtype, ptr<void>(out));
+  }, nogil);
+  m.def("rotated_payload_bytes", &alam_rotated_payload_bytes);
   m.def("pack_mask", [](uintptr_t x, int64_t n, uintptr_t payload) {
     alam_cpu_pack_mask(ptr<const uint8_t>(x), n, ptr<uint8_t>(payload));
   }, nogil);

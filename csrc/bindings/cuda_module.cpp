@@ -36,6 +36,17 @@ PYBIND11_MODULE(_C_cuda, m) {
     check(alam_cuda_dequantize(ptr<const uint8_t>(payload), ptr<const float>(meta), n, bits, dtype,
                                ptr<void>(out), ptr<void>(stream), device), "dequantize");
   });
+  m.def("quantize_rotated", [](uintptr_t x, int dtype, int64_t n, int bits, uint64_t seed,
+                               uintptr_t payload, uintptr_t meta, uintptr_t stream, int device) {
+    check(alam_cuda_quantize_rotated(ptr<const void>(x), dtype, n, bits, seed, ptr<uint8_t>(payload),
+                                     ptr<uint16_t>(meta), ptr<void>(stream), device), "quantize_rotated");
+  });
+  m.def("dequantize_rotated", [](uintptr_t payload, uintptr_t meta, int64_t n, int bits,
+                                 uint64_t seed, int dtype, uintptr_t out, uintptr_t stream, int device) {
+    check(alam_cuda_dequantize_rotated(ptr<const uint8_t>(payload), ptr<const uint16_t>(meta), n, bits,
+                                       seed, dtype, ptr<void>(out), ptr<void>(stream), device),
+          "dequantize_rotated");
+  });
   m.def("pack_mask", [](uintptr_t x, int64_t n, uintptr_t payload, uintptr_t stream, int device) {
     check(alam_cuda_pack_mask(ptr<const uint8_t>(x), n, ptr<uint8_t>(payload), ptr<void>(stream), device), "pack_mask");
   });

@@ -76,6 +76,51 @@ ALAM_HD uint16_t alam_float_to_bf16(float f) {
   return (uint16_t)(c.u >> 16);
 }
 
+// -- rotated formats (alam_dist/codec/reference.py, quantize_rotated) ----------------
+// Per group: sign flips, unnormalised Walsh-Hadamard transform, symmetric levels
+// (q - L/2) * step with one bfloat16 step, round to nearest. Every GROUP rotated value of
+// the tail group is stored (each carries part of every input of its group).
+
+// Whether position j (0..ALAM_GROUP-1) of every group is negated before the transform.
+ALAM_HD bool alam_rotation_negate(uint32_t k0, uint32_t j) { return (alam_fmix32(j ^ k0) >> 31) != 0; }
+
+ALAM_HD uint32_t alam_float_bits(float f) {
+  union { uint32_t u; float f; } c;
+  c.f = f;
+  return c.u;
+}
+
+ALAM_HD float alam_bits_float(uint32_t u) {
+  union { uint32_t u; float f; } c;
+  c.u = u;
+  return c.f;
+}
+
+// The group's step as bfloat16 bits from its absmax and its |r| sum (summed as the CUDA
+// warp does: 4 values per lane left to right, then an xor butterfly over 32 lanes).
+// b <= 2: round-to-nearest of MEAN_STEP[b] * mean|r| (2 for b = 1, 1.25 for b = 2), for
+// b = 2 no larger than the covering step; b >= 4: the covering step (2 absmax / L)
+// rounded up. Returns ALAM_NAN_BF16 when the group is not finite.
+ALAM_HD uint16_t alam_rotated_step(float absmax, float abs_sum, bool finite, int bits) {
+  const int levels = (1 << bits) - 1;
+  uint32_t step = 0;
+  if (bits <= 2) {
+    const float mean = abs_sum * (1.0f / (float)ALAM_GROUP);
+    const float target = mean * (bits == 1 ? 2.0f : 1.25f);
+    const uint32_t u = alam_float_bits(target);
+    step = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  }
+  if (bits >= 2) {
+    const uint32_t u = alam_float_bits((absmax + absmax) / (float)levels);
+    const uint32_t cover = (u & 0xFFFFu) ? (u >> 16) + 1u : (u >> 16);
+    // Non-negative bfloat16 patterns order like their values (NaN patterns are larger).
+    step = (bits > 2 || cover < step) ? cover : step;
+  }
+  const float value = alam_bits_float(step << 16);
+  if (!finite || !(value - value == 0.0f)) return (uint16_t)ALAM_NAN_BF16;
+  return (uint16_t)step;
+}
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -84,12 +129,19 @@ extern "C" {
 // quantization: ceil(n / ALAM_AQ_AVG) means at 2 bits).
 int64_t alam_payload_bytes(int64_t n, int bits);
 int64_t alam_num_groups(int64_t n, int bits);
+// Rotated formats (bits 1, 2, 4, 8): ceil(n / ALAM_GROUP) groups, all values stored.
+int64_t alam_rotated_payload_bytes(int64_t n, int bits);
 
 // CPU kernels (csrc/cpu). `meta` holds 2 floats per group: min, scale.
 void alam_cpu_quantize(const void* x, int dtype, int64_t n, int bits, uint64_t seed,
                        uint8_t* payload, float* meta);
 void alam_cpu_dequantize(const uint8_t* payload, const float* meta, int64_t n, int bits,
                          int dtype, void* out);
+// Rotated formats: `meta` holds one bfloat16 step per group; the seed gives the signs.
+void alam_cpu_quantize_rotated(const void* x, int dtype, int64_t n, int bits, uint64_t seed,
+                               uint8_t* payload, uint16_t* meta);
+void alam_cpu_dequantize_rotated(const uint8_t* payload, const uint16_t* meta, int64_t n,
+                                 int bits, uint64_t seed, int dtype, void* out);
 // Masks: any nonzero byte is 1; 8 values per byte, value i at bit (i % 8).
 void alam_cpu_pack_mask(const uint8_t* x, int64_t n, uint8_t* payload);
 void alam_cpu_unpack_mask(const uint8_t* payload, int64_t n, uint8_t* out);
@@ -102,6 +154,11 @@ int alam_cuda_quantize(const void* x, int dtype, int64_t n, int bits, uint64_t s
                        uint8_t* payload, float* meta, void* stream, int device);
 int alam_cuda_dequantize(const uint8_t* payload, const float* meta, int64_t n, int bits,
                          int dtype, void* out, void* stream, int device);
+int alam_cuda_quantize_rotated(const void* x, int dtype, int64_t n, int bits, uint64_t seed,
+                               uint8_t* payload, uint16_t* meta, void* stream, int device);
+int alam_cuda_dequantize_rotated(const uint8_t* payload, const uint16_t* meta, int64_t n,
+                                 int bits, uint64_t seed, int dtype, void* out, void* stream,
+                                 int device);
 int alam_cuda_pack_mask(const uint8_t* x, int64_t n, uint8_t* payload, void* stream, int device);
 int alam_cuda_unpack_mask(const uint8_t* payload, int64_t n, uint8_t* out, void* stream, int device);
 // 0 when this build's kernels can run on `device` (an image for its architecture or PTX

@@ -15,4 +15,8 @@ int64_t alam_payload_bytes(int64_t n, int bits) {
   return (quantized_values(n, bits) * (bits == 0 ? 2 : bits) + 7) / 8;
 }
 
+int64_t alam_rotated_payload_bytes(int64_t n, int bits) {
+  return (n + ALAM_GROUP - 1) / ALAM_GROUP * (ALAM_GROUP * bits / 8);
+}
+
 }  // extern "C"

@@ -221,6 +221,184 @@ void dequantize(const uint8_t* payload, const float* meta, int64_t n, void* out)
   }
 }
 
+// -- rotated formats -------------------------------------------------------------------
+
+// Unnormalised Walsh-Hadamard transform of one group, the butterflies in the reference's
+// order (each output is one add or subtract of two fp32 values: exact same rounding).
+ALAM_MULTIVERSION void fwht_group(float* v) {
+  for (int h = 1; h < G; h *= 2) {
+    for (int i0 = 0; i0 < G; i0 += 2 * h) {
+#pragma omp simd
+      for (int i = i0; i < i0 + h; ++i) {
+        const float a = v[i], b = v[i + h];
+        v[i] = a + b;
+        v[i + h] = a - b;
+      }
+    }
+  }
+}
+
+struct Signs {
+  alignas(64) float s[G];
+  explicit Signs(uint32_t k0) {
+    for (int j = 0; j < G; ++j) s[j] = alam_rotation_negate(k0, (uint32_t)j) ? -1.0f : 1.0f;
+  }
+};
+
+template <int DT, int BITS>
+ALAM_MULTIVERSION void quantize_rotated_group(const void* x, int64_t first, int count,
+                                              const float* sign, uint8_t* payload,
+                                              uint16_t* meta) {
+  constexpr int levels = (1 << BITS) - 1;
+  constexpr int per_byte = 8 / BITS;
+  alignas(64) float v[G];
+  if (count == G) {
+#pragma omp simd
+    for (int j = 0; j < G; ++j) v[j] = load<DT>(x, first + j) * sign[j];
+  } else {
+    for (int j = 0; j < G; ++j) v[j] = j < count ? load<DT>(x, first + j) * sign[j] : 0.0f;
+  }
+  fwht_group(v);
+  float absmax = 0.0f;
+  uint32_t nonfinite = 0;
+#pragma omp simd reduction(max : absmax) reduction(| : nonfinite)
+  for (int j = 0; j < G; ++j) {
+    uint32_t u;
+    memcpy(&u, &v[j], 4);
+    nonfinite |= (u & 0x7F800000u) == 0x7F800000u;
+    const float a = fabsf(v[j]);
+    absmax = a > absmax ? a : absmax;
+  }
+  float lane[32];
+  for (int l = 0; l < 32; ++l)
+    lane[l] = ((fabsf(v[4 * l]) + fabsf(v[4 * l + 1])) + fabsf(v[4 * l + 2])) + fabsf(v[4 * l + 3]);
+  for (int off = 16; off > 0; off >>= 1) {
+    float next[32];
+    for (int l = 0; l < 32; ++l) next[l] = lane[l] + lane[l ^ off];
+    memcpy(lane, next, sizeof(lane));
+  }
+  const uint16_t step_bits = alam_rotated_step(absmax, lane[0], !nonfinite, BITS);
+  *meta = step_bits;
+  constexpr int nbytes = G * BITS / 8;
+  if (step_bits == (uint16_t)ALAM_NAN_BF16) {
+    memset(payload, 0, nbytes);
+    return;
+  }
+  const float step = alam_bf16_to_float(step_bits);
+  const float inv = 1.0f / (step == 0.0f ? 1.0f : step);
+  constexpr float half = (float)((levels + 1) / 2);
+  uint8_t q[G];
+#pragma omp simd
+  for (int j = 0; j < G; ++j) {
+    float t = v[j] * inv + half;
+    t = t > 0.0f ? t : 0.0f;
+    t = t < (float)levels ? t : (float)levels;
+    q[j] = (uint8_t)(int)t;
+  }
+  for (int b = 0; b < nbytes; ++b) {
+    uint32_t byte = 0;
+#pragma GCC unroll 8
+    for (int k = 0; k < per_byte; ++k) byte |= (uint32_t)q[b * per_byte + k] << (k * BITS);
+    payload[b] = (uint8_t)byte;
+  }
+}
+
+template <int DT, int BITS>
+ALAM_MULTIVERSION void dequantize_rotated_group(const uint8_t* payload, uint16_t step_bits,
+                                                int64_t first, int count, const float* sign,
+                                                void* out) {
+  constexpr int levels = (1 << BITS) - 1;
+  constexpr int per_byte = 8 / BITS;
+  constexpr uint32_t mask = (1u << BITS) - 1u;
+  alignas(64) float v[G];
+  if (step_bits == (uint16_t)ALAM_NAN_BF16) {
+    for (int j = 0; j < G; ++j) v[j] = std::numeric_limits<float>::quiet_NaN();
+  } else {
+    uint8_t q[G];
+    for (int b = 0; b < G / per_byte; ++b) {
+      const uint32_t byte = payload[b];
+#pragma GCC unroll 8
+      for (int k = 0; k < per_byte; ++k) q[b * per_byte + k] = (byte >> (k * BITS)) & mask;
+    }
+    const float step = alam_bf16_to_float(step_bits);
+    constexpr float half_levels = (float)levels / 2.0f;
+#pragma omp simd
+    for (int j = 0; j < G; ++j) v[j] = ((float)q[j] - half_levels) * step;
+    fwht_group(v);
+#pragma omp simd
+    for (int j = 0; j < G; ++j) v[j] = v[j] * (1.0f / (float)G) * sign[j];
+  }
+  if (count == G) {
+#pragma omp simd
+    for (int j = 0; j < G; ++j) store<DT>(out, first + j, v[j]);
+  } else {
+    for (int j = 0; j < count; ++j) store<DT>(out, first + j, v[j]);
+  }
+}
+
+template <int DT, int BITS>
+void quantize_rotated(const void* x, int64_t n, uint64_t seed, uint8_t* payload, uint16_t* meta) {
+  const int64_t groups = (n + G - 1) / G;
+  uint32_t k0, k1;
+  alam_seed_keys(seed, &k0, &k1);
+  const Signs signs(k0);
+#pragma omp parallel for schedule(static) if (groups > 256)
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t first = g * G;
+    const int count = (int)(n - first < G ? n - first : G);
+    quantize_rotated_group<DT, BITS>(x, first, count, signs.s, payload + g * (G * BITS / 8),
+                                     meta + g);
+  }
+}
+
+template <int DT, int BITS>
+void dequantize_rotated(const uint8_t* payload, const uint16_t* meta, int64_t n, uint64_t seed,
+                        void* out) {
+  const int64_t groups = (n + G - 1) / G;
+  uint32_t k0, k1;
+  alam_seed_keys(seed, &k0, &k1);
+  const Signs signs(k0);
+#pragma omp parallel for schedule(static) if (groups > 256)
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t first = g * G;
+    const int count = (int)(n - first < G ? n - first : G);
+    dequantize_rotated_group<DT, BITS>(payload + g * (G * BITS / 8), meta[g], first, count,
+                                       signs.s, out);
+  }
+}
+
+template <template <int, int> class F, typename... Args>
+void dispatch_rotated(int dtype, int bits, Args... args) {
+  auto by_bits = [&](auto dt) {
+    constexpr int DT = decltype(dt)::value;
+    switch (bits) {
+      case 1: F<DT, 1>::run(args...); break;
+      case 2: F<DT, 2>::run(args...); break;
+      case 4: F<DT, 4>::run(args...); break;
+      case 8: F<DT, 8>::run(args...); break;
+    }
+  };
+  switch (dtype) {
+    case ALAM_BF16: by_bits(std::integral_constant<int, ALAM_BF16>{}); break;
+    case ALAM_F16: by_bits(std::integral_constant<int, ALAM_F16>{}); break;
+    default: by_bits(std::integral_constant<int, ALAM_F32>{});
+  }
+}
+
+template <int DT, int BITS>
+struct QuantizeRotated {
+  static void run(const void* x, int64_t n, uint64_t seed, uint8_t* payload, uint16_t* meta) {
+    quantize_rotated<DT, BITS>(x, n, seed, payload, meta);
+  }
+};
+
+template <int DT, int BITS>
+struct DequantizeRotated {
+  static void run(const uint8_t* payload, const uint16_t* meta, int64_t n, uint64_t seed, void* out) {
+    dequantize_rotated<DT, BITS>(payload, meta, n, seed, out);
+  }
+};
+
 // Runtime (dtype, bits) -> the template instance. bits 0 is average quantization.
 template <template <int, int, bool> class F, typename... Args>
 void dispatch(int dtype, int bits, Args... args) {
@@ -270,6 +448,18 @@ void alam_cpu_dequantize(const uint8_t* payload, const float* meta, int64_t n, i
                          int dtype, void* out) {
   if (n == 0) return;
   dispatch<Dequantize>(dtype, bits, payload, meta, n, out);
+}
+
+void alam_cpu_quantize_rotated(const void* x, int dtype, int64_t n, int bits, uint64_t seed,
+                               uint8_t* payload, uint16_t* meta) {
+  if (n == 0) return;
+  dispatch_rotated<QuantizeRotated>(dtype, bits, x, n, seed, payload, meta);
+}
+
+void alam_cpu_dequantize_rotated(const uint8_t* payload, const uint16_t* meta, int64_t n,
+                                 int bits, uint64_t seed, int dtype, void* out) {
+  if (n == 0) return;
+  dispatch_rotated<DequantizeRotated>(dtype, bits, payload, meta, n, seed, out);
 }
 
 void alam_cpu_pack_mask(const uint8_t* x, int64_t n, uint8_t* payload) {

@@ -143,6 +143,124 @@ __global__ void dequantize_kernel(const uint8_t* payload, const float* meta, int
   }
 }
 
+// -- rotated formats: a warp per group, lane l holds values 4l..4l+3 -------------------
+
+// One butterfly stage of the unnormalised Walsh-Hadamard transform for distance h: the
+// value with bit h clear becomes self + partner, the other partner - self (exactly the
+// reference's a + b, a - b). h < 4 pairs values inside a lane, h >= 4 across lanes.
+__device__ __forceinline__ void fwht_warp(float (&v)[kPerLane], int lane) {
+  // h = 1, 2: inside the lane
+  float a0 = v[0], a1 = v[1], a2 = v[2], a3 = v[3];
+  v[0] = __fadd_rn(a0, a1); v[1] = __fsub_rn(a0, a1);
+  v[2] = __fadd_rn(a2, a3); v[3] = __fsub_rn(a2, a3);
+  a0 = v[0]; a1 = v[1]; a2 = v[2]; a3 = v[3];
+  v[0] = __fadd_rn(a0, a2); v[2] = __fsub_rn(a0, a2);
+  v[1] = __fadd_rn(a1, a3); v[3] = __fsub_rn(a1, a3);
+#pragma unroll
+  for (int lanes = 1; lanes < 32; lanes <<= 1) {  // h = 4 * lanes
+    const bool upper = (lane & lanes) != 0;
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const float other = __shfl_xor_sync(0xFFFFFFFFu, v[k], lanes);
+      v[k] = upper ? __fsub_rn(other, v[k]) : __fadd_rn(v[k], other);
+    }
+  }
+}
+
+template <int BITS>
+__global__ void quantize_rotated_kernel(const void* x, int dtype, int64_t n, int64_t groups,
+                                        uint32_t k0, uint8_t* payload, uint16_t* meta) {
+  const int lane = threadIdx.x & 31;
+  const int64_t g = (int64_t)blockIdx.x * kGroupsPerBlock + (threadIdx.x >> 5);
+  if (g >= groups) return;  // uniform per warp
+  const int64_t first = g * ALAM_GROUP + lane * kPerLane;
+  float v[kPerLane];
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const int64_t j = first + k;
+    const float value = j < n ? load(x, dtype, j) : 0.0f;
+    v[k] = alam_rotation_negate(k0, (uint32_t)(lane * kPerLane + k)) ? -value : value;
+  }
+  fwht_warp(v, lane);
+  bool finite = true;
+  float absmax = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    finite &= isfinite(v[k]);
+    absmax = fmaxf(absmax, fabsf(v[k]));
+  }
+  float sum = __fadd_rn(__fadd_rn(__fadd_rn(fabsf(v[0]), fabsf(v[1])), fabsf(v[2])), fabsf(v[3]));
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    absmax = fmaxf(absmax, __shfl_xor_sync(0xFFFFFFFFu, absmax, off));
+    sum = __fadd_rn(sum, __shfl_xor_sync(0xFFFFFFFFu, sum, off));
+  }
+  finite = __all_sync(0xFFFFFFFFu, finite);
+  const uint16_t step_bits = alam_rotated_step(absmax, sum, finite, BITS);
+  if (lane == 0) meta[g] = step_bits;
+  const bool bad = step_bits == (uint16_t)ALAM_NAN_BF16;
+  constexpr int levels = (1 << BITS) - 1;
+  const float step = alam_bf16_to_float(step_bits);
+  const float inv = __fdiv_rn(1.0f, step == 0.0f ? 1.0f : step);
+  const float half = (float)((levels + 1) / 2);
+  uint32_t packed = 0;  // kPerLane * BITS bits
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    uint32_t q = 0;
+    if (!bad) {
+      float t = __fadd_rn(__fmul_rn(v[k], inv), half);
+      t = t > 0.0f ? t : 0.0f;
+      t = t < (float)levels ? t : (float)levels;
+      q = (uint32_t)floorf(t);
+    }
+    packed |= q << (k * BITS);
+  }
+  uint8_t* group_payload = payload + g * (ALAM_GROUP * BITS / 8);
+  if (BITS == 1) {  // 4 bits per lane: an even lane writes its byte with its neighbour's
+    const uint32_t other = __shfl_xor_sync(0xFFFFFFFFu, packed, 1);
+    if ((lane & 1) == 0) group_payload[lane / 2] = (uint8_t)(packed | (other << 4));
+  } else {
+#pragma unroll
+    for (int b = 0; b < kPerLane * BITS / 8; ++b)
+      group_payload[lane * (kPerLane * BITS / 8) + b] = (uint8_t)(packed >> (8 * b));
+  }
+}
+
+template <int BITS>
+__global__ void dequantize_rotated_kernel(const uint8_t* payload, const uint16_t* meta,
+                                          int64_t n, int64_t groups, uint32_t k0, int dtype,
+                                          void* out) {
+  const int lane = threadIdx.x & 31;
+  const int64_t g = (int64_t)blockIdx.x * kGroupsPerBlock + (threadIdx.x >> 5);
+  if (g >= groups) return;
+  const int64_t first = g * ALAM_GROUP + lane * kPerLane;
+  const uint16_t step_bits = meta[g];
+  if (step_bits == (uint16_t)ALAM_NAN_BF16) {
+    for (int k = 0; k < kPerLane; ++k)
+      if (first + k < n) store_nan(out, dtype, first + k);
+    return;  // uniform per warp: no shuffles follow
+  }
+  constexpr int levels = (1 << BITS) - 1;
+  constexpr uint32_t mask = (1u << BITS) - 1u;
+  const float step = alam_bf16_to_float(step_bits);
+  const float half_levels = (float)levels / 2.0f;
+  const uint8_t* group_payload = payload + g * (ALAM_GROUP * BITS / 8);
+  float v[kPerLane];
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const int j = lane * kPerLane + k;
+    const uint32_t q = (group_payload[j * BITS / 8] >> ((j * BITS) % 8)) & mask;
+    v[k] = __fmul_rn(__fsub_rn((float)q, half_levels), step);
+  }
+  fwht_warp(v, lane);
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const float y = __fmul_rn(v[k], 1.0f / (float)ALAM_GROUP);
+    const float signed_y = alam_rotation_negate(k0, (uint32_t)(lane * kPerLane + k)) ? -y : y;
+    if (first + k < n) store(out, dtype, first + k, signed_y);
+  }
+}
+
 __global__ void pack_mask_kernel(const uint8_t* x, int64_t n, uint8_t* payload) {
   const int64_t b = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   const int64_t first = b * 8;
@@ -231,6 +349,47 @@ int alam_cuda_dequantize(const uint8_t* payload, const float* meta, int64_t n, i
     case 2: dequantize_kernel<2><<<blocks, kThreads, 0, s>>>(payload, meta, n, aq, values, groups, dtype, out); break;
     case 4: dequantize_kernel<4><<<blocks, kThreads, 0, s>>>(payload, meta, n, aq, values, groups, dtype, out); break;
     case 8: dequantize_kernel<8><<<blocks, kThreads, 0, s>>>(payload, meta, n, aq, values, groups, dtype, out); break;
+    default: return (int)cudaErrorInvalidValue;
+  }
+  return (int)cudaGetLastError();
+}
+
+int alam_cuda_quantize_rotated(const void* x, int dtype, int64_t n, int bits, uint64_t seed,
+                               uint8_t* payload, uint16_t* meta, void* stream, int device) {
+  if (n == 0) return 0;
+  DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return (int)guard.status();
+  const int64_t groups = (n + ALAM_GROUP - 1) / ALAM_GROUP;
+  uint32_t k0, k1;
+  alam_seed_keys(seed, &k0, &k1);
+  cudaStream_t s = (cudaStream_t)stream;
+  const int64_t blocks = blocks_for(groups);
+  switch (bits) {
+    case 1: quantize_rotated_kernel<1><<<blocks, kThreads, 0, s>>>(x, dtype, n, groups, k0, payload, meta); break;
+    case 2: quantize_rotated_kernel<2><<<blocks, kThreads, 0, s>>>(x, dtype, n, groups, k0, payload, meta); break;
+    case 4: quantize_rotated_kernel<4><<<blocks, kThreads, 0, s>>>(x, dtype, n, groups, k0, payload, meta); break;
+    case 8: quantize_rotated_kernel<8><<<blocks, kThreads, 0, s>>>(x, dtype, n, groups, k0, payload, meta); break;
+    default: return (int)cudaErrorInvalidValue;
+  }
+  return (int)cudaGetLastError();
+}
+
+int alam_cuda_dequantize_rotated(const uint8_t* payload, const uint16_t* meta, int64_t n,
+                                 int bits, uint64_t seed, int dtype, void* out, void* stream,
+                                 int device) {
+  if (n == 0) return 0;
+  DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return (int)guard.status();
+  const int64_t groups = (n + ALAM_GROUP - 1) / ALAM_GROUP;
+  uint32_t k0, k1;
+  alam_seed_keys(seed, &k0, &k1);
+  cudaStream_t s = (cudaStream_t)stream;
+  const int64_t blocks = blocks_for(groups);
+  switch (bits) {
+    case 1: dequantize_rotated_kernel<1><<<blocks, kThreads, 0, s>>>(payload, meta, n, groups, k0, dtype, out); break;
+    case 2: dequantize_rotated_kernel<2><<<blocks, kThreads, 0, s>>>(payload, meta, n, groups, k0, dtype, out); break;
+    case 4: dequantize_rotated_kernel<4><<<blocks, kThreads, 0, s>>>(payload, meta, n, groups, k0, dtype, out); break;
+    case 8: dequantize_rotated_kernel<8><<<blocks, kThreads, 0, s>>>(payload, meta, n, groups, k0, dtype, out); break;
     default: return (int)cudaErrorInvalidValue;
   }
   return (int)cudaGetLastError();

@@ -1,0 +1,70 @@
+"""Attention whose backward stays consistent with compressed q, k, v.
+
+``F.scaled_dot_product_attention`` saves q, k, v, its output and the logsumexp, and its
+backward rebuilds the probabilities as ``exp(q kᵀ scale - lse)`` from the *saved* q, k
+against the *saved, exact* lse. Once q or k are decoded from a few bits those
+"probabilities" no longer sum to one, and the gradient error grows exponentially with
+the quantization error: on MiniLM-L6 one layer-0 query tensor at 2 bits alone took the
+whole model's gradient cosine to ~0.01 (issue 14).
+
+:class:`ConsistentAttention` saves only q, k, v (compressed by the policy like any
+activation) and, in backward, decodes them, reruns the attention forward with autograd
+and back-propagates through it: probabilities, logsumexp and output all come from the
+same decoded q, k, v, so the error stays proportional to the quantization error. It
+costs one attention forward in backward and saves the output and logsumexp tensors.
+
+It is installed by the policy (``attention="recompute"``, the default) as a torch
+function mode active only during a compressed forward: user code keeps calling
+``F.scaled_dot_product_attention`` (as Hugging Face's "sdpa" attention does). Calls with
+``dropout_p > 0`` keep the stock function (a recompute would need the dropout mask).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+_SDPA = F.scaled_dot_product_attention
+
+
+class ConsistentAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, attn_mask, kwargs):
+        ctx.kwargs = kwargs
+        ctx.mask_is_tensor = isinstance(attn_mask, torch.Tensor)
+        if ctx.mask_is_tensor:
+            ctx.save_for_backward(q, k, v, attn_mask)
+        else:
+            ctx.attn_mask = attn_mask
+            ctx.save_for_backward(q, k, v)
+        return _SDPA(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = ctx.saved_tensors
+        q, k, v = (t.detach().requires_grad_(need)
+                   for t, need in zip(saved[:3], ctx.needs_input_grad[:3]))
+        mask = saved[3] if ctx.mask_is_tensor else ctx.attn_mask
+        with torch.enable_grad():
+            out = _SDPA(q, k, v, attn_mask=mask, **ctx.kwargs)
+        inputs = [t for t in (q, k, v) if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, inputs, grad_out)) if inputs else iter(())
+        return (*(next(grads) if t.requires_grad else None for t in (q, k, v)), None, None)
+
+
+def consistent_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, **kwargs):
+    """Drop-in for ``F.scaled_dot_product_attention`` (same arguments and result)."""
+    if dropout_p != 0.0 or not torch.is_grad_enabled() or not any(
+            t.requires_grad for t in (query, key, value)):
+        return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, **kwargs)
+    return ConsistentAttention.apply(query, key, value, attn_mask, kwargs)
+
+
+class ConsistentAttentionMode(TorchFunctionMode):
+    """Routes ``F.scaled_dot_product_attention`` calls to :func:`consistent_sdpa`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _SDPA:
+            return consistent_sdpa(*args, **kwargs)
+        return func(*args, **kwargs)
