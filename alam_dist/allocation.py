@@ -17,18 +17,23 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Bits per element actually stored, per format, with fp32 (min, scale) per 128 values.
-_STORED_BITS = {0.5: 0.5 + 64 / 512, 2: 2 + 64 / 128, 4: 4 + 64 / 128, 8: 8 + 64 / 128}
+# Bits per element actually stored, per format family: the seed's formats keep fp32
+# (min, scale) per 128 values (AQ: per 128 means of 4), the rotated ones a bf16 (step, mean).
+_STORED_BITS = {
+    "seed": {0.5: 0.5 + 64 / 512, 2: 2 + 64 / 128, 4: 4 + 64 / 128, 8: 8 + 64 / 128},
+    "rotated": {0.5: 0.5 + 64 / 512, 1: 1 + 32 / 128, 2: 2 + 32 / 128, 4: 4 + 32 / 128,
+                8: 8 + 32 / 128},
+}
 PLAN_VERSION = 1
 
 
-def stored_bits(fmt: float, raw_bits: int) -> float:
+def stored_bits(fmt: float, raw_bits: int, formats: str = "seed") -> float:
     """Bits per element a tensor of ``raw_bits`` (16 or 32) costs at format ``fmt``."""
     if fmt == 32 or fmt >= raw_bits:
         return float(raw_bits)
     if fmt == 16:
         return 16.0
-    return _STORED_BITS[fmt]
+    return _STORED_BITS[formats][fmt]
 
 
 def variance_weight(fmt: float, error_ratio: dict[float, float] | None = None) -> float:
@@ -55,18 +60,23 @@ class Plan:
     fingerprint: str = ""
     budget: float | None = None
     sensitivity: dict[str, float] = field(default_factory=dict)
+    formats: str = "seed"
+    """The codec family the bits name (alam.formats); plans older than it are "seed"."""
 
     def average_bits(self) -> float:
         """Stored bits per element over the planned tensors, metadata included."""
         total = sum(self.numel.get(k, 0) for k in self.bits)
         if total == 0:
             return 0.0
-        return sum(stored_bits(b, self.raw_bits.get(k, 32)) * self.numel.get(k, 0)
+        return sum(stored_bits(b, self.raw_bits.get(k, 32), self.formats) * self.numel.get(k, 0)
                    for k, b in self.bits.items()) / total
 
     def digest(self) -> str:
         """Hash of what training uses (fingerprint + key -> bits): compared across ranks."""
-        body = json.dumps({"fingerprint": self.fingerprint, "bits": sorted(self.bits.items())})
+        what = {"fingerprint": self.fingerprint, "bits": sorted(self.bits.items())}
+        if self.formats != "seed":  # seed plans keep the digest they always had
+            what["formats"] = self.formats
+        body = json.dumps(what)
         return hashlib.sha256(body.encode()).hexdigest()[:16]
 
     def check_model(self, fingerprint: str) -> None:
@@ -79,14 +89,20 @@ class Plan:
     def to_dict(self) -> dict:
         return {"version": PLAN_VERSION, "fingerprint": self.fingerprint, "budget": self.budget,
                 "average_bits": self.average_bits(), "bits": self.bits, "numel": self.numel,
-                "raw_bits": self.raw_bits, "sensitivity": self.sensitivity}
+                "raw_bits": self.raw_bits, "sensitivity": self.sensitivity,
+                "formats": self.formats}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
         if d.get("version") != PLAN_VERSION or "bits" not in d:
             raise PlanMismatchError(f"not an alam_dist plan (version {d.get('version')!r}, "
                                     f"expected {PLAN_VERSION})")
+        formats = d.get("formats", "seed")
+        if formats not in _STORED_BITS:
+            raise PlanMismatchError(f"the plan names formats {formats!r}; known: "
+                                    f"{sorted(_STORED_BITS)}")
         return cls(bits={k: float(v) if v == 0.5 else int(v) for k, v in d["bits"].items()},
+                   formats=formats,
                    numel={k: int(v) for k, v in d.get("numel", {}).items()},
                    raw_bits={k: int(v) for k, v in d.get("raw_bits", {}).items()},
                    fingerprint=d.get("fingerprint", ""), budget=d.get("budget"),
@@ -108,13 +124,14 @@ class Plan:
                                     "save_plan_path to create it") from None
 
 
-def _ladder_for(raw_bits: int, ladder: tuple[float, ...], floor: float = 0.0) -> list[float]:
+def _ladder_for(raw_bits: int, ladder: tuple[float, ...], floor: float = 0.0,
+                formats: str = "seed") -> list[float]:
     """The ladder's steps (down to ``floor``) that store fewer bits for this dtype."""
     steps: list[float] = []
     for fmt in ladder:
         if steps and fmt < floor:
             break
-        if not steps or stored_bits(fmt, raw_bits) < stored_bits(steps[-1], raw_bits):
+        if not steps or stored_bits(fmt, raw_bits, formats) < stored_bits(steps[-1], raw_bits, formats):
             steps.append(fmt)
     return steps
 
@@ -123,7 +140,7 @@ def allocate(sensitivity: dict[str, float], numel: dict[str, int], raw_bits: dic
              budget: float, ladder: tuple[float, ...] = (32, 8, 4, 2, 0.5),
              fingerprint: str = "",
              error_ratio: dict[str, dict[float, float]] | None = None,
-             floors: dict[str, float] | None = None) -> Plan:
+             floors: dict[str, float] | None = None, formats: str = "seed") -> Plan:
     """Greedy allocation under ``budget`` average stored bits per element.
 
     Deterministic: candidates are scanned in key order and ties broken by key, so equal
@@ -137,9 +154,9 @@ def allocate(sensitivity: dict[str, float], numel: dict[str, int], raw_bits: dic
     if missing:
         raise ValueError(f"no sensitivity for {len(missing)} tensor(s), e.g. {missing[:3]}")
     floors = floors or {}
-    steps = {k: _ladder_for(raw_bits[k], ladder, floors.get(k, 0.0)) for k in keys}
+    steps = {k: _ladder_for(raw_bits[k], ladder, floors.get(k, 0.0), formats) for k in keys}
     level = {k: 0 for k in keys}
-    cost = {k: stored_bits(steps[k][0], raw_bits[k]) * numel[k] for k in keys}
+    cost = {k: stored_bits(steps[k][0], raw_bits[k], formats) * numel[k] for k in keys}
     total, limit = sum(cost.values()), budget * sum(numel.values())
 
     def candidate(k: str) -> tuple[float, str] | None:
@@ -147,7 +164,7 @@ def allocate(sensitivity: dict[str, float], numel: dict[str, int], raw_bits: dic
         if level[k] + 1 >= len(steps[k]):
             return None
         cur, nxt = steps[k][level[k]], steps[k][level[k] + 1]
-        saved = cost[k] - stored_bits(nxt, raw_bits[k]) * numel[k]
+        saved = cost[k] - stored_bits(nxt, raw_bits[k], formats) * numel[k]
         ratio = (error_ratio or {}).get(k)
         added = max(sensitivity[k], 0.0) * max(
             variance_weight(nxt, ratio) - variance_weight(cur, ratio), 0.0)
@@ -161,7 +178,7 @@ def allocate(sensitivity: dict[str, float], numel: dict[str, int], raw_bits: dic
     while total > limit * (1 + 1e-12) and heap:
         _, k = heapq.heappop(heap)
         level[k] += 1
-        new_cost = stored_bits(steps[k][level[k]], raw_bits[k]) * numel[k]
+        new_cost = stored_bits(steps[k][level[k]], raw_bits[k], formats) * numel[k]
         total += new_cost - cost[k]
         cost[k] = new_cost
         nxt = candidate(k)
@@ -169,4 +186,4 @@ def allocate(sensitivity: dict[str, float], numel: dict[str, int], raw_bits: dic
             heapq.heappush(heap, nxt)
     return Plan(bits={k: steps[k][level[k]] for k in keys}, numel=dict(numel),
                 raw_bits=dict(raw_bits), fingerprint=fingerprint, budget=budget,
-                sensitivity={k: float(sensitivity[k]) for k in keys})
+                sensitivity={k: float(sensitivity[k]) for k in keys}, formats=formats)

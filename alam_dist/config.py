@@ -13,9 +13,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from alam_dist.codec import ALLOWED_BITS
+from alam_dist.codec import FORMATS, allowed_bits
 
-DEFAULT_LADDER = (32, 8, 4, 2, 0.5)
+DEFAULT_LADDERS = {"rotated": (32, 8, 4, 2, 1, 0.5), "seed": (32, 8, 4, 2, 0.5)}
+DEFAULT_LADDER = DEFAULT_LADDERS["rotated"]
 
 
 @dataclass(kw_only=True)
@@ -28,8 +29,19 @@ class ALAMConfig:
     """Training steps; with it the default probe schedule is step 0 and 10% of total."""
     probe_steps: tuple[int, ...] | None = None
     """Explicit steps at which GradNormVar probes run (overrides the default schedule)."""
-    ladder: tuple[float, ...] = DEFAULT_LADDER
-    """Formats the allocator steps through, from exact down (subset of 32, 16, 8, 4, 2, 0.5)."""
+    formats: str = "rotated"
+    """Codec family the ladder's numbers name: "rotated" (default: 8/4/2/1 bits in
+    Walsh-Hadamard-rotated groups with one bf16 step, 0.5 = average quantization) or
+    "seed" (the ALAM paper's: 8/4/2 bits in min/max groups, 0.5 = average quantization).
+    Measurements behind the default: docs/controller.md."""
+    ladder: tuple[float, ...] | None = None
+    """Formats the allocator steps through, from exact down; null gives the family's
+    default ([32, 8, 4, 2, 1, 0.5] rotated, [32, 8, 4, 2, 0.5] seed). Entries from 32, 16,
+    8, 4, 2, 1 (rotated only), 0.5."""
+    attention: str = "recompute"
+    """"recompute" (default): F.scaled_dot_product_attention keeps only q, k, v and reruns
+    the attention forward in backward, so its probabilities stay consistent with the
+    compressed q, k (docs/controller.md); "stock": the saved tensors of torch's kernel."""
     group_size: int = 128
     """Values per quantization group (fixed by the kernel ABI; kept for config clarity)."""
     aq_average: int = 4
@@ -84,11 +96,16 @@ class ALAMConfig:
             if not all(isinstance(s, int) and s >= 0 for s in steps):
                 raise ValueError(f"alam.probe_steps must be non-negative integers, got {self.probe_steps!r}")
             self.probe_steps = tuple(sorted(set(steps)))
-        ladder = tuple(self.ladder)
-        allowed = ALLOWED_BITS
-        bad = [b for b in ladder if b not in allowed]
+        if self.formats not in FORMATS:
+            raise ValueError(f"alam.formats must be one of {list(FORMATS)}, got {self.formats!r}")
+        if self.attention not in ("recompute", "stock"):
+            raise ValueError(f"alam.attention must be 'recompute' or 'stock', got {self.attention!r}")
+        ladder = tuple(DEFAULT_LADDERS[self.formats] if self.ladder is None else self.ladder)
+        allowed = allowed_bits(self.formats)
+        bad = [b for b in ladder if isinstance(b, bool) or b not in allowed]
         if bad or not ladder:
-            raise ValueError(f"alam.ladder entries must come from {allowed}, got {list(ladder)}")
+            raise ValueError(f"alam.ladder entries must come from {allowed} (formats "
+                             f"{self.formats!r}), got {list(ladder)}")
         if max(ladder) != 32:
             raise ValueError("alam.ladder must start at 32 (kept exact), e.g. [32, 8, 4, 2, 0.5]")
         self.ladder = tuple(sorted(set(ladder), reverse=True))

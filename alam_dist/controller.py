@@ -107,7 +107,9 @@ class Controller:
         self.model = model
         self.collective = collective or Collective()
         self.policy = SavedTensorPolicy(model, min_numel=self.config.min_numel,
-                                        backend=self.config.backend)
+                                        backend=self.config.backend,
+                                        formats=self.config.formats,
+                                        attention=self.config.attention)
         self.policy.bits_for = self._bits_for
         self.policy.seed_for = self._seed_for
         self.step = 0
@@ -193,6 +195,11 @@ class Controller:
         try:
             plan = get_plan()
             plan.check_model(self._fingerprint)
+            if plan.formats != self.config.formats:
+                raise PlanMismatchError(
+                    f"the bit plan names {plan.formats!r} formats but alam.formats is "
+                    f"{self.config.formats!r}; set alam.formats to {plan.formats!r} to use "
+                    "this plan, or re-probe (delete load_plan_path)")
         except (OSError, ValueError, PlanMismatchError) as err:
             error = err
         self.collective.check_plan(plan, error)
@@ -349,7 +356,8 @@ class Controller:
         plan = allocate(sens, {k: v.numel for k, v in seen.items()},
                         {k: v.raw_bits for k, v in seen.items()}, budget,
                         self.config.ladder, self._fingerprint, error_ratio=error_ratio,
-                        floors={k: self.config.floor_for(k, v.module_type) for k, v in seen.items()})
+                        floors={k: self.config.floor_for(k, v.module_type) for k, v in seen.items()},
+                        formats=self.config.formats)
         self.set_plan(plan)
         return plan
 

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from alam_dist import codec
+from alam_dist.attention import ConsistentAttentionMode
 from alam_dist.codec import PackedTensor
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -93,9 +94,14 @@ class SavedTensorPolicy:
     * ``"off"``: plain autograd.
     """
 
-    def __init__(self, model: torch.nn.Module, *, min_numel: int = 1024, backend: str = "auto"):
+    def __init__(self, model: torch.nn.Module, *, min_numel: int = 1024, backend: str = "auto",
+                 formats: str = "seed", attention: str = "stock"):
         self.model = model
         self.min_numel = min_numel
+        self.formats = formats  # the codec family plan bits name
+        # "recompute": route F.scaled_dot_product_attention through alam_dist.attention
+        # during compressed and probe forwards
+        self.attention = attention
         # (kept, total) samples of a sliced probe forward: a tensor is "small" when the
         # training-size tensor would be, i.e. numel * total < min_numel * kept
         self.size_share: tuple[int, int] = (1, 1)
@@ -119,6 +125,7 @@ class SavedTensorPolicy:
         self._recorded: dict[str, torch.Tensor] = {}  # record mode: key -> exact tensor
         self.compiled_forward_seen = False
         self._hooks_ctx = None
+        self._attention_ctx = None
 
     # -- installation -------------------------------------------------------------------
     def install(self) -> None:
@@ -173,8 +180,14 @@ class SavedTensorPolicy:
         if self.mode != "off":
             self._hooks_ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
             self._hooks_ctx.__enter__()
+            if self.attention == "recompute" and self.mode != "measure":
+                self._attention_ctx = ConsistentAttentionMode()
+                self._attention_ctx.__enter__()
 
     def _exit_context(self) -> None:
+        if self._attention_ctx is not None:
+            ctx, self._attention_ctx = self._attention_ctx, None
+            ctx.__exit__(None, None, None)
         if self._hooks_ctx is not None:
             ctx, self._hooks_ctx = self._hooks_ctx, None
             ctx.__exit__(None, None, None)
@@ -258,7 +271,8 @@ class SavedTensorPolicy:
             self._recorded[key] = t
             return Saved(key, exact=t)
         bits = 32 if is_mask else self.bits_for(key, t)
-        packed = codec.encode(t.detach(), bits, seed=self.seed_for(key), backend=self.backend)
+        packed = codec.encode(t.detach(), bits, seed=self.seed_for(key), backend=self.backend,
+                              formats=self.formats)
         if packed.format == "raw":
             self.stats.exact_bytes += raw
         self.stats.packed_bytes += packed.nbytes
@@ -278,8 +292,8 @@ class SavedTensorPolicy:
 
     def round_trip(self, t: torch.Tensor, bits: float, seed: int) -> torch.Tensor:
         """``t`` as training would see it after compression at ``bits``."""
-        return codec.decode(codec.encode(t.detach(), bits, seed=seed, backend=self.backend),
-                            backend=self.backend)
+        return codec.decode(codec.encode(t.detach(), bits, seed=seed, backend=self.backend,
+                                         formats=self.formats), backend=self.backend)
 
     def unpack(self, saved):
         if not isinstance(saved, Saved):

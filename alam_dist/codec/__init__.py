@@ -16,7 +16,7 @@
   the seed's alias ``1`` is accepted), 2, 4, 8 (stochastic rounding in groups of 128
   with fp32 min and scale);
 * ``"rotated"``: 1, 2, 4, 8 (each group of 128 sign-flipped and Walsh-Hadamard rotated,
-  then rounded to nearest on symmetric levels with one bfloat16 step per group), and
+  then rounded to nearest on symmetric levels with a bfloat16 (step, mean) per group), and
   0.5 (average quantization, as above).
 
 In both, 16 keeps a tensor in 16 bits (bfloat16 for fp32 inputs) and 32 keeps it as is;
@@ -224,7 +224,7 @@ def _encode_rotated(flat, bits, seed, shape, dtype, device, resolved) -> PackedT
     else:
         payload = torch.empty(reference.rotated_payload_bytes(n, bits), dtype=torch.uint8,
                               device=device)
-        meta = torch.empty(reference.num_groups(n, bits), dtype=torch.bfloat16, device=device)
+        meta = torch.empty(reference.num_groups(n, bits), 2, dtype=torch.bfloat16, device=device)
         args = (flat.data_ptr(), _FLOAT_CODES[dtype], n, bits, seed, payload.data_ptr(),
                 meta.data_ptr())
         if resolved == "cpp":
@@ -250,7 +250,8 @@ def _encode_mask(x, shape, dtype, device, backend) -> PackedTensor:
     return PackedTensor("mask", shape, dtype, device, payload)
 
 
-def _check_buffer(what: str, t, dtype: torch.dtype, numel: int, packed: PackedTensor) -> None:
+def _check_buffer(what: str, t, dtype: torch.dtype, numel: int, packed: PackedTensor,
+                  contiguous: bool = True) -> None:
     problem = None
     if not isinstance(t, torch.Tensor):
         problem = f"its {what} is a {type(t).__name__}, not a tensor"
@@ -260,7 +261,7 @@ def _check_buffer(what: str, t, dtype: torch.dtype, numel: int, packed: PackedTe
         problem = f"its {what} holds {t.numel()} elements, the format needs {numel}"
     elif t.device != packed.device:
         problem = f"its {what} is on {t.device} but the PackedTensor says {packed.device}"
-    elif not t.is_contiguous():
+    elif contiguous and not t.is_contiguous():
         problem = f"its {what} is not contiguous"
     if problem:
         raise ValueError(f"cannot decode {packed!r}: {problem}. Decode only what "
@@ -272,8 +273,8 @@ def validate(packed: PackedTensor) -> None:
     """Check that ``packed``'s buffers fit its format, shape and device (ValueError if
     not): the kernels read raw pointers and would otherwise read out of bounds."""
     fmt, n = packed.format, packed.numel
-    if fmt == "raw":
-        _check_buffer("data", packed.data, packed.dtype, n, packed)
+    if fmt == "raw":  # the tensor itself, in whatever layout autograd saved it
+        _check_buffer("data", packed.data, packed.dtype, n, packed, contiguous=False)
     elif fmt == "bf16":
         _check_buffer("data", packed.data, torch.bfloat16, n, packed)
     elif fmt == "mask":
@@ -292,7 +293,7 @@ def validate(packed: PackedTensor) -> None:
         bits = _ROTATED[fmt]
         _check_buffer("payload", packed.data, torch.uint8,
                       reference.rotated_payload_bytes(n, bits), packed)
-        _check_buffer("meta", packed.meta, torch.bfloat16, reference.num_groups(n, bits), packed)
+        _check_buffer("meta", packed.meta, torch.bfloat16, 2 * reference.num_groups(n, bits), packed)
     else:
         raise ValueError(f"cannot decode {packed!r}: unknown format {fmt!r} (known: "
                          f"{sorted(_KERNEL_BITS) + sorted(_ROTATED) + ['bf16', 'mask', 'raw']})")

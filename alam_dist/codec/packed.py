@@ -22,7 +22,7 @@ class PackedTensor:
     data: torch.Tensor
     """uint8 payload for aq/q*/mask; the kept tensor for bf16/raw."""
     meta: torch.Tensor | None = None
-    """fp32 [groups, 2] of (min, scale) for aq/q*; bfloat16 [groups] steps for h*; None
+    """fp32 [groups, 2] of (min, scale) for aq/q*; bfloat16 [groups, 2] of (step, mean) for h*; None
     otherwise."""
     seed: int = 0
     """h*: the encode seed, which fixes the sign flips decoding must undo (one int per

@@ -193,24 +193,26 @@ def unpack_mask(payload: torch.Tensor, n: int) -> torch.Tensor:
 
 # -- rotated formats ("h1", "h2", "h4", "h8") ------------------------------------------
 #
-# Per group of GROUP values (the tail group padded with zeros): flip the signs given by
-# :func:`rotation_signs`, apply the unnormalised Walsh-Hadamard transform (7 butterfly
-# stages, v[i], v[i+h] <- v[i] + v[i+h], v[i] - v[i+h] for h = 1, 2, ..., 64), then round
-# each rotated value to the nearest of 2**b symmetric levels (q - L/2) * step, L = 2**b - 1.
-# ``step`` is one bfloat16 per group: the covering step (absmax + absmax) / L rounded
-# *up* to bfloat16 (b >= 4); for b <= 2 a clipping step from mean|r| (:data:`MEAN_STEP`,
-# mean|r| summed in the fixed tree of :func:`_tree_abs_sum`, rounded to nearest), for b = 2
-# no larger than the covering step. Values beyond the last level are clipped to it. Decoding applies
-# the inverse: levels, the same butterflies, times 1/GROUP (exact), the same signs.
+# Per group of GROUP values (the tail group padded with zeros): subtract the group mean
+# (bfloat16, round to nearest; summed in the fixed tree of :func:`_tree_sum`), flip the
+# signs given by :func:`rotation_signs`, apply the unnormalised Walsh-Hadamard transform
+# (7 butterfly stages, v[i], v[i+h] <- v[i] + v[i+h], v[i] - v[i+h] for h = 1, ..., 64),
+# then round each rotated value r to the nearest of 2**b symmetric levels
+# (q - L/2) * step, L = 2**b - 1. ``step`` is bfloat16: for b >= 2 the covering step
+# (absmax + absmax) / L rounded *up*, so no value is clipped; for b = 1 (a sign code)
+# 2 * mean|r| rounded to nearest (levels +-mean|r|, the mean-square-optimal sign code),
+# mean|r| summed in the tree of :func:`_tree_sum`. Decoding applies the inverse: levels,
+# the same butterflies, times 1/GROUP (exact), the same signs, plus the mean. Metadata:
+# (step, mean) as two bfloat16 per group.
+#
 # The rotation spreads an outlier channel's energy over its group, so one range fits all
-# values; round-to-nearest then has a quarter of stochastic rounding's variance.
+# values, and round-to-nearest has a quarter of stochastic rounding's variance (a
+# clipping step would halve the 2-bit error again, but its bias stalled training on the
+# tiny LLaMA: docs/codec.md). The mean is taken out first because
+# a group sharing a large offset (log-probabilities, post-activation outputs) would put
+# all its energy into the rotated values and leave nothing for the variation.
 
 ROTATED_BITS = (1, 2, 4, 8)
-MEAN_STEP = {1: 2.0, 2: 1.25}
-"""step = MEAN_STEP[b] * mean|r| for b <= 2: the mean-square-optimal sign code (b = 1) and
-close to the optimal 4-level uniform step for a Gaussian (0.996 sigma, mean|r| being
-0.798 sigma); for b = 2 the smaller of that and the covering step, which is better for
-a group dominated by one outlier (its rotated values are +-A plus small noise)."""
 
 
 def rotation_signs(seed: int, device) -> torch.Tensor:
@@ -232,12 +234,12 @@ def _fwht(v: torch.Tensor) -> torch.Tensor:
     return v
 
 
-def _tree_abs_sum(r: torch.Tensor) -> torch.Tensor:
-    """Sum of |r| per row in the order the CUDA warp uses: 4 values per lane left to
-    right, then xor-butterfly across 32 lanes (every lane ends with the same sum)."""
-    a = r.abs().reshape(-1, 32, 4)
+def _tree_sum(a: torch.Tensor) -> torch.Tensor:
+    """Sum per row of [groups, GROUP] in the order the CUDA warp uses: 4 values per lane
+    left to right, then xor-butterfly across 32 lanes (every lane ends with the same sum)."""
+    a = a.reshape(-1, 32, 4)
     p = ((a[..., 0] + a[..., 1]) + a[..., 2]) + a[..., 3]
-    lanes = torch.arange(32, device=r.device)
+    lanes = torch.arange(32, device=a.device)
     for off in (16, 8, 4, 2, 1):
         p = p + p[:, lanes ^ off]
     return p[:, 0]
@@ -264,25 +266,26 @@ def rotated_payload_bytes(n: int, bits: int) -> int:
 
 
 def quantize_rotated(x: torch.Tensor, bits: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat float tensor -> (uint8 payload, bfloat16 step per group)."""
+    """Flat float tensor -> (uint8 payload, bfloat16 [groups, 2] of (step, mean))."""
     n = x.numel()
     ng = -(-n // GROUP)
     if n == 0:
         return (torch.empty(0, dtype=torch.uint8, device=x.device),
-                torch.empty(0, dtype=torch.bfloat16, device=x.device))
+                torch.empty(0, 2, dtype=torch.bfloat16, device=x.device))
     v = torch.cat([x.to(torch.float32), x.new_zeros(ng * GROUP - n, dtype=torch.float32)])
     v = v.view(ng, GROUP)
+    mean_bits = _bf16_bits_nearest(_tree_sum(v) * _f32(1.0 / GROUP, v))
+    v = v - _bf16_from_bits(mean_bits)[:, None]
     v = torch.where(rotation_signs(seed, x.device), -v, v)
     r = _fwht(v)
     levels = (1 << bits) - 1
     finite = torch.isfinite(r).all(dim=1)
-    if bits <= 2:
-        mean = _tree_abs_sum(r) * _f32(1.0 / GROUP, r)
-        step_bits = _bf16_bits_nearest(mean * _f32(MEAN_STEP[bits], r))
-    if bits >= 2:
+    if bits == 1:
+        mean = _tree_sum(r.abs()) * _f32(1.0 / GROUP, r)
+        step_bits = _bf16_bits_nearest(mean + mean)
+    else:
         m = r.abs().amax(dim=1)
-        cover = _bf16_bits_round_up((m + m) / _f32(levels, r))
-        step_bits = cover if bits > 2 else torch.minimum(step_bits, cover)
+        step_bits = _bf16_bits_round_up((m + m) / _f32(levels, r))
     step = _bf16_from_bits(step_bits)
     bad = ~finite | ~torch.isfinite(step)
     ones = torch.ones_like(step)
@@ -298,8 +301,9 @@ def quantize_rotated(x: torch.Tensor, bits: int, seed: int) -> tuple[torch.Tenso
     q = q.to(torch.int32).view(-1, per_byte)
     shifts = torch.arange(per_byte, device=x.device, dtype=torch.int32) * bits
     payload = (q << shifts).sum(dim=1).to(torch.uint8)
-    step_bits = torch.where(bad, torch.full_like(step_bits, NAN_BITS[torch.bfloat16]), step_bits)
-    return payload, step_bits.to(torch.int16).view(torch.bfloat16)
+    meta = torch.stack([step_bits, mean_bits], dim=1)
+    meta = torch.where(bad[:, None], torch.full_like(meta, NAN_BITS[torch.bfloat16]), meta)
+    return payload, meta.to(torch.int16).view(torch.bfloat16)
 
 
 def dequantize_rotated(payload: torch.Tensor, meta: torch.Tensor, n: int, bits: int, seed: int,
@@ -312,10 +316,10 @@ def dequantize_rotated(payload: torch.Tensor, meta: torch.Tensor, n: int, bits: 
     shifts = torch.arange(per_byte, device=payload.device, dtype=torch.int32) * bits
     q = (payload.to(torch.int32)[:, None] >> shifts) & ((1 << bits) - 1)
     q = q.reshape(ng, GROUP)
-    step = meta.to(torch.float32)
+    step, mean = meta[:, 0].to(torch.float32), meta[:, 1].to(torch.float32)
     levels = (1 << bits) - 1
     r = (q.to(torch.float32) - _f32(levels / 2, step)) * step[:, None]
     v = _fwht(r) * _f32(1.0 / GROUP, step)
-    v = torch.where(rotation_signs(seed, payload.device), -v, v)
+    v = torch.where(rotation_signs(seed, payload.device), -v, v) + mean[:, None]
     nan = torch.isnan(step)[:, None].expand(ng, GROUP).reshape(-1)[:n]
     return with_nan_pattern(v.reshape(-1)[:n].to(dtype), nan)

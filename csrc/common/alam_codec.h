@@ -77,9 +77,17 @@ ALAM_HD uint16_t alam_float_to_bf16(float f) {
 }
 
 // -- rotated formats (alam_dist/codec/reference.py, quantize_rotated) ----------------
-// Per group: sign flips, unnormalised Walsh-Hadamard transform, symmetric levels
-// (q - L/2) * step with one bfloat16 step, round to nearest. Every GROUP rotated value of
+// Per group: the bfloat16 mean taken out, sign flips, unnormalised Walsh-Hadamard
+// transform, symmetric levels (q - L/2) * step with a bfloat16 step, round to nearest. Every GROUP rotated value of
 // the tail group is stored (each carries part of every input of its group).
+
+// float -> bfloat16 bits, round to nearest even, for any float (NaN keeps a NaN pattern
+// but the groups that use this flag NaN separately).
+ALAM_HD uint16_t alam_float_to_bf16_nearest(float f) {
+  union { uint32_t u; float f; } c;
+  c.f = f;
+  return (uint16_t)((c.u + 0x7FFFu + ((c.u >> 16) & 1u)) >> 16);
+}
 
 // Whether position j (0..ALAM_GROUP-1) of every group is negated before the transform.
 ALAM_HD bool alam_rotation_negate(uint32_t k0, uint32_t j) { return (alam_fmix32(j ^ k0) >> 31) != 0; }
@@ -98,23 +106,17 @@ ALAM_HD float alam_bits_float(uint32_t u) {
 
 // The group's step as bfloat16 bits from its absmax and its |r| sum (summed as the CUDA
 // warp does: 4 values per lane left to right, then an xor butterfly over 32 lanes).
-// b <= 2: round-to-nearest of MEAN_STEP[b] * mean|r| (2 for b = 1, 1.25 for b = 2), for
-// b = 2 no larger than the covering step; b >= 4: the covering step (2 absmax / L)
+// b = 1: round-to-nearest of 2 * mean|r|; b >= 2: the covering step (2 absmax / L)
 // rounded up. Returns ALAM_NAN_BF16 when the group is not finite.
 ALAM_HD uint16_t alam_rotated_step(float absmax, float abs_sum, bool finite, int bits) {
-  const int levels = (1 << bits) - 1;
-  uint32_t step = 0;
-  if (bits <= 2) {
+  uint32_t step;
+  if (bits == 1) {
     const float mean = abs_sum * (1.0f / (float)ALAM_GROUP);
-    const float target = mean * (bits == 1 ? 2.0f : 1.25f);
-    const uint32_t u = alam_float_bits(target);
+    const uint32_t u = alam_float_bits(mean + mean);
     step = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  }
-  if (bits >= 2) {
-    const uint32_t u = alam_float_bits((absmax + absmax) / (float)levels);
-    const uint32_t cover = (u & 0xFFFFu) ? (u >> 16) + 1u : (u >> 16);
-    // Non-negative bfloat16 patterns order like their values (NaN patterns are larger).
-    step = (bits > 2 || cover < step) ? cover : step;
+  } else {
+    const uint32_t u = alam_float_bits((absmax + absmax) / (float)((1 << bits) - 1));
+    step = (u & 0xFFFFu) ? (u >> 16) + 1u : (u >> 16);
   }
   const float value = alam_bits_float(step << 16);
   if (!finite || !(value - value == 0.0f)) return (uint16_t)ALAM_NAN_BF16;
@@ -137,7 +139,8 @@ void alam_cpu_quantize(const void* x, int dtype, int64_t n, int bits, uint64_t s
                        uint8_t* payload, float* meta);
 void alam_cpu_dequantize(const uint8_t* payload, const float* meta, int64_t n, int bits,
                          int dtype, void* out);
-// Rotated formats: `meta` holds one bfloat16 step per group; the seed gives the signs.
+// Rotated formats: `meta` holds two bfloat16 per group, (step, mean); the seed gives the
+// signs.
 void alam_cpu_quantize_rotated(const void* x, int dtype, int64_t n, int bits, uint64_t seed,
                                uint8_t* payload, uint16_t* meta);
 void alam_cpu_dequantize_rotated(const uint8_t* payload, const uint16_t* meta, int64_t n,

@@ -238,6 +238,19 @@ ALAM_MULTIVERSION void fwht_group(float* v) {
   }
 }
 
+// Sum of a group in the CUDA warp's order: 4 values per lane left to right, then an xor
+// butterfly over 32 lanes (alam_dist/codec/reference.py, _tree_sum).
+ALAM_MULTIVERSION float tree_sum(const float* v) {
+  float lane[32];
+  for (int l = 0; l < 32; ++l) lane[l] = ((v[4 * l] + v[4 * l + 1]) + v[4 * l + 2]) + v[4 * l + 3];
+  for (int off = 16; off > 0; off >>= 1) {
+    float next[32];
+    for (int l = 0; l < 32; ++l) next[l] = lane[l] + lane[l ^ off];
+    memcpy(lane, next, sizeof(lane));
+  }
+  return lane[0];
+}
+
 struct Signs {
   alignas(64) float s[G];
   explicit Signs(uint32_t k0) {
@@ -254,10 +267,14 @@ ALAM_MULTIVERSION void quantize_rotated_group(const void* x, int64_t first, int 
   alignas(64) float v[G];
   if (count == G) {
 #pragma omp simd
-    for (int j = 0; j < G; ++j) v[j] = load<DT>(x, first + j) * sign[j];
+    for (int j = 0; j < G; ++j) v[j] = load<DT>(x, first + j);
   } else {
-    for (int j = 0; j < G; ++j) v[j] = j < count ? load<DT>(x, first + j) * sign[j] : 0.0f;
+    for (int j = 0; j < G; ++j) v[j] = j < count ? load<DT>(x, first + j) : 0.0f;
   }
+  const uint16_t mean_bits = alam_float_to_bf16_nearest(tree_sum(v) * (1.0f / (float)G));
+  const float mean = alam_bf16_to_float(mean_bits);
+#pragma omp simd
+  for (int j = 0; j < G; ++j) v[j] = (v[j] - mean) * sign[j];
   fwht_group(v);
   float absmax = 0.0f;
   uint32_t nonfinite = 0;
@@ -269,21 +286,18 @@ ALAM_MULTIVERSION void quantize_rotated_group(const void* x, int64_t first, int 
     const float a = fabsf(v[j]);
     absmax = a > absmax ? a : absmax;
   }
-  float lane[32];
-  for (int l = 0; l < 32; ++l)
-    lane[l] = ((fabsf(v[4 * l]) + fabsf(v[4 * l + 1])) + fabsf(v[4 * l + 2])) + fabsf(v[4 * l + 3]);
-  for (int off = 16; off > 0; off >>= 1) {
-    float next[32];
-    for (int l = 0; l < 32; ++l) next[l] = lane[l] + lane[l ^ off];
-    memcpy(lane, next, sizeof(lane));
-  }
-  const uint16_t step_bits = alam_rotated_step(absmax, lane[0], !nonfinite, BITS);
-  *meta = step_bits;
+  alignas(64) float a[G];
+#pragma omp simd
+  for (int j = 0; j < G; ++j) a[j] = fabsf(v[j]);
+  const uint16_t step_bits = alam_rotated_step(absmax, tree_sum(a), !nonfinite, BITS);
   constexpr int nbytes = G * BITS / 8;
   if (step_bits == (uint16_t)ALAM_NAN_BF16) {
+    meta[0] = meta[1] = (uint16_t)ALAM_NAN_BF16;
     memset(payload, 0, nbytes);
     return;
   }
+  meta[0] = step_bits;
+  meta[1] = mean_bits;
   const float step = alam_bf16_to_float(step_bits);
   const float inv = 1.0f / (step == 0.0f ? 1.0f : step);
   constexpr float half = (float)((levels + 1) / 2);
@@ -304,9 +318,10 @@ ALAM_MULTIVERSION void quantize_rotated_group(const void* x, int64_t first, int 
 }
 
 template <int DT, int BITS>
-ALAM_MULTIVERSION void dequantize_rotated_group(const uint8_t* payload, uint16_t step_bits,
+ALAM_MULTIVERSION void dequantize_rotated_group(const uint8_t* payload, const uint16_t* meta,
                                                 int64_t first, int count, const float* sign,
                                                 void* out) {
+  const uint16_t step_bits = meta[0];
   constexpr int levels = (1 << BITS) - 1;
   constexpr int per_byte = 8 / BITS;
   constexpr uint32_t mask = (1u << BITS) - 1u;
@@ -321,12 +336,13 @@ ALAM_MULTIVERSION void dequantize_rotated_group(const uint8_t* payload, uint16_t
       for (int k = 0; k < per_byte; ++k) q[b * per_byte + k] = (byte >> (k * BITS)) & mask;
     }
     const float step = alam_bf16_to_float(step_bits);
+    const float mean = alam_bf16_to_float(meta[1]);
     constexpr float half_levels = (float)levels / 2.0f;
 #pragma omp simd
     for (int j = 0; j < G; ++j) v[j] = ((float)q[j] - half_levels) * step;
     fwht_group(v);
 #pragma omp simd
-    for (int j = 0; j < G; ++j) v[j] = v[j] * (1.0f / (float)G) * sign[j];
+    for (int j = 0; j < G; ++j) v[j] = v[j] * (1.0f / (float)G) * sign[j] + mean;
   }
   if (count == G) {
 #pragma omp simd
@@ -347,7 +363,7 @@ void quantize_rotated(const void* x, int64_t n, uint64_t seed, uint8_t* payload,
     const int64_t first = g * G;
     const int count = (int)(n - first < G ? n - first : G);
     quantize_rotated_group<DT, BITS>(x, first, count, signs.s, payload + g * (G * BITS / 8),
-                                     meta + g);
+                                     meta + 2 * g);
   }
 }
 
@@ -362,7 +378,7 @@ void dequantize_rotated(const uint8_t* payload, const uint16_t* meta, int64_t n,
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t first = g * G;
     const int count = (int)(n - first < G ? n - first : G);
-    dequantize_rotated_group<DT, BITS>(payload + g * (G * BITS / 8), meta[g], first, count,
+    dequantize_rotated_group<DT, BITS>(payload + g * (G * BITS / 8), meta + 2 * g, first, count,
                                        signs.s, out);
   }
 }

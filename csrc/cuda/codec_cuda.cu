@@ -167,6 +167,15 @@ __device__ __forceinline__ void fwht_warp(float (&v)[kPerLane], int lane) {
   }
 }
 
+// Sum of the group, the lane's 4 values left to right, then an xor butterfly (each lane
+// adds its partner's partial: every lane ends with the same, order-fixed sum).
+__device__ __forceinline__ float warp_tree_sum(float a0, float a1, float a2, float a3) {
+  float sum = __fadd_rn(__fadd_rn(__fadd_rn(a0, a1), a2), a3);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) sum = __fadd_rn(sum, __shfl_xor_sync(0xFFFFFFFFu, sum, off));
+  return sum;
+}
+
 template <int BITS>
 __global__ void quantize_rotated_kernel(const void* x, int dtype, int64_t n, int64_t groups,
                                         uint32_t k0, uint8_t* payload, uint16_t* meta) {
@@ -178,8 +187,15 @@ __global__ void quantize_rotated_kernel(const void* x, int dtype, int64_t n, int
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
     const int64_t j = first + k;
-    const float value = j < n ? load(x, dtype, j) : 0.0f;
-    v[k] = alam_rotation_negate(k0, (uint32_t)(lane * kPerLane + k)) ? -value : value;
+    v[k] = j < n ? load(x, dtype, j) : 0.0f;
+  }
+  const uint16_t mean_bits = alam_float_to_bf16_nearest(
+      __fmul_rn(warp_tree_sum(v[0], v[1], v[2], v[3]), 1.0f / (float)ALAM_GROUP));
+  const float mean = alam_bf16_to_float(mean_bits);
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const float centred = __fsub_rn(v[k], mean);
+    v[k] = alam_rotation_negate(k0, (uint32_t)(lane * kPerLane + k)) ? -centred : centred;
   }
   fwht_warp(v, lane);
   bool finite = true;
@@ -189,16 +205,17 @@ __global__ void quantize_rotated_kernel(const void* x, int dtype, int64_t n, int
     finite &= isfinite(v[k]);
     absmax = fmaxf(absmax, fabsf(v[k]));
   }
-  float sum = __fadd_rn(__fadd_rn(__fadd_rn(fabsf(v[0]), fabsf(v[1])), fabsf(v[2])), fabsf(v[3]));
+  const float sum = warp_tree_sum(fabsf(v[0]), fabsf(v[1]), fabsf(v[2]), fabsf(v[3]));
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
+  for (int off = 16; off > 0; off >>= 1)
     absmax = fmaxf(absmax, __shfl_xor_sync(0xFFFFFFFFu, absmax, off));
-    sum = __fadd_rn(sum, __shfl_xor_sync(0xFFFFFFFFu, sum, off));
-  }
   finite = __all_sync(0xFFFFFFFFu, finite);
   const uint16_t step_bits = alam_rotated_step(absmax, sum, finite, BITS);
-  if (lane == 0) meta[g] = step_bits;
   const bool bad = step_bits == (uint16_t)ALAM_NAN_BF16;
+  if (lane == 0) {
+    meta[2 * g] = step_bits;
+    meta[2 * g + 1] = bad ? (uint16_t)ALAM_NAN_BF16 : mean_bits;
+  }
   constexpr int levels = (1 << BITS) - 1;
   const float step = alam_bf16_to_float(step_bits);
   const float inv = __fdiv_rn(1.0f, step == 0.0f ? 1.0f : step);
@@ -234,7 +251,7 @@ __global__ void dequantize_rotated_kernel(const uint8_t* payload, const uint16_t
   const int64_t g = (int64_t)blockIdx.x * kGroupsPerBlock + (threadIdx.x >> 5);
   if (g >= groups) return;
   const int64_t first = g * ALAM_GROUP + lane * kPerLane;
-  const uint16_t step_bits = meta[g];
+  const uint16_t step_bits = meta[2 * g];
   if (step_bits == (uint16_t)ALAM_NAN_BF16) {
     for (int k = 0; k < kPerLane; ++k)
       if (first + k < n) store_nan(out, dtype, first + k);
@@ -243,6 +260,7 @@ __global__ void dequantize_rotated_kernel(const uint8_t* payload, const uint16_t
   constexpr int levels = (1 << BITS) - 1;
   constexpr uint32_t mask = (1u << BITS) - 1u;
   const float step = alam_bf16_to_float(step_bits);
+  const float mean = alam_bf16_to_float(meta[2 * g + 1]);
   const float half_levels = (float)levels / 2.0f;
   const uint8_t* group_payload = payload + g * (ALAM_GROUP * BITS / 8);
   float v[kPerLane];
@@ -257,7 +275,7 @@ __global__ void dequantize_rotated_kernel(const uint8_t* payload, const uint16_t
   for (int k = 0; k < kPerLane; ++k) {
     const float y = __fmul_rn(v[k], 1.0f / (float)ALAM_GROUP);
     const float signed_y = alam_rotation_negate(k0, (uint32_t)(lane * kPerLane + k)) ? -y : y;
-    if (first + k < n) store(out, dtype, first + k, signed_y);
+    if (first + k < n) store(out, dtype, first + k, __fadd_rn(signed_y, mean));
   }
 }
 
