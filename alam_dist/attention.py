@@ -57,6 +57,17 @@ def consistent_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, **kwargs):
     if dropout_p != 0.0 or not torch.is_grad_enabled() or not any(
             t.requires_grad for t in (query, key, value)):
         return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, **kwargs)
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Do autocast's cast here, where autograd sees it: backward reruns the kernel
+        # outside autocast and needs inputs of one dtype (and saves the narrower copies).
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = (t.to(dtype) if t.is_floating_point() else t
+                             for t in (query, key, value))
+        if isinstance(attn_mask, torch.Tensor) and attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return ConsistentAttention.apply(query, key, value, attn_mask, kwargs)
     return ConsistentAttention.apply(query, key, value, attn_mask, kwargs)
 
 

@@ -126,6 +126,7 @@ class SavedTensorPolicy:
         self.compiled_forward_seen = False
         self._hooks_ctx = None
         self._attention_ctx = None
+        self._recompute_depth = 0  # nesting of module calls inside a checkpoint recompute
 
     # -- installation -------------------------------------------------------------------
     def install(self) -> None:
@@ -158,7 +159,15 @@ class SavedTensorPolicy:
             return
         if not self._stack:
             if torch._C._current_graph_task_id() != -1:
-                return  # a forward run by backward (checkpoint recompute): not ours
+                # A forward run by backward (checkpoint recompute): its saves are not ours,
+                # but its attention calls must take the path the original forward took,
+                # or the checkpoint sees different saved tensors.
+                if self._routes_attention():
+                    if self._recompute_depth == 0:
+                        self._attention_ctx = ConsistentAttentionMode()
+                        self._attention_ctx.__enter__()
+                    self._recompute_depth += 1
+                return
             self._begin_forward()
         name = self._names.get(id(module), "?")
         call = self._calls.get(name, 0)
@@ -167,6 +176,10 @@ class SavedTensorPolicy:
 
     def _post_hook(self, module, args, output):
         if not self._stack:
+            if self._recompute_depth > 0:
+                self._recompute_depth -= 1
+                if self._recompute_depth == 0:
+                    self._exit_context()
             return
         self._stack.pop()
         if not self._stack:
@@ -180,9 +193,12 @@ class SavedTensorPolicy:
         if self.mode != "off":
             self._hooks_ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
             self._hooks_ctx.__enter__()
-            if self.attention == "recompute" and self.mode != "measure":
+            if self._routes_attention():
                 self._attention_ctx = ConsistentAttentionMode()
                 self._attention_ctx.__enter__()
+
+    def _routes_attention(self) -> bool:
+        return self.attention == "recompute" and self.mode in ("compress", "record")
 
     def _exit_context(self) -> None:
         if self._attention_ctx is not None:
