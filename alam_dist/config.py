@@ -46,10 +46,14 @@ class ALAMConfig:
     """Values per quantization group (fixed by the kernel ABI; kept for config clarity)."""
     aq_average: int = 4
     """Values averaged by average quantization (fixed by the kernel ABI)."""
-    min_bits: dict[str, float] = field(default_factory=lambda: {"*Norm:*/*.0": 2})
-    """Floors: fnmatch pattern over "ModuleClass:key" -> lowest format allowed. The default
-    keeps normalization-layer inputs off average quantization, whose bias there stalls
-    training (docs/controller.md); ``{}`` gives the plain ALAM allocation."""
+    min_bits: dict[str, float] = field(default_factory=lambda: {
+        "*Norm:*/*.0": 2, "op:LogSoftmaxBackward0": 8})
+    """Floors: fnmatch pattern over "ModuleClass:key" (or "op:<autograd node>" for the op
+    that produced the tensor) -> lowest format allowed. The defaults keep
+    normalization-layer inputs off average quantization, whose bias there stalls
+    training, and the loss's log-probabilities at 8 bits or more: the allocator, judging
+    them by size, sent them to 1 bit, and masked-LM fine-tuning of MiniLM then stalled
+    (docs/controller.md). ``{}`` gives the plain ALAM allocation."""
     probe: str = "cheap"
     """Probe round: "cheap" (default: a few representative transformer blocks, backward
     restarted at the probed block, a slice of the micro-batch; docs/controller.md) or
@@ -142,10 +146,11 @@ class ALAMConfig:
             raise ValueError(f"alam.backend must be auto, reference, cpp or cuda, got {self.backend!r}")
 
     # -- schedule ---------------------------------------------------------------------
-    def floor_for(self, key: str, module_type: str) -> float:
+    def floor_for(self, key: str, module_type: str, op: str = "") -> float:
         """Lowest format allowed for a saved tensor (0 when no pattern matches)."""
-        name = f"{module_type}:{key}"
-        return max((b for pat, b in self.min_bits.items() if fnmatch.fnmatchcase(name, pat)),
+        name, op_name = f"{module_type}:{key}", f"op:{op}"
+        return max((b for pat, b in self.min_bits.items()
+                    if fnmatch.fnmatchcase(op_name if pat.startswith("op:") else name, pat)),
                    default=0.0)
 
     def probe_steps_resolved(self) -> tuple[int, ...]:

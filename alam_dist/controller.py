@@ -356,7 +356,7 @@ class Controller:
         plan = allocate(sens, {k: v.numel for k, v in seen.items()},
                         {k: v.raw_bits for k, v in seen.items()}, budget,
                         self.config.ladder, self._fingerprint, error_ratio=error_ratio,
-                        floors={k: self.config.floor_for(k, v.module_type) for k, v in seen.items()},
+                        floors={k: self.config.floor_for(k, v.module_type, v.op) for k, v in seen.items()},
                         formats=self.config.formats)
         self.set_plan(plan)
         return plan

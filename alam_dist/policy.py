@@ -59,6 +59,7 @@ class TensorInfo:
     raw_bits: int
     dtype: str
     module_type: str = ""
+    op: str = ""  # the autograd node that produced it, e.g. "LogSoftmaxBackward0"
 
 
 @dataclass
@@ -186,9 +187,11 @@ class SavedTensorPolicy:
             self._exit_context()
 
     def _begin_forward(self) -> None:
+        # A step may call several top-level modules (an encoder, then a head on some of
+        # its outputs): each starts here, so the record round's exact copies are not
+        # dropped here but by record_forward / release_recorded.
         self._calls.clear()
         self._dedup.clear()
-        self._recorded.clear()
         self.stats.forwards += 1
         if self.mode != "off":
             self._hooks_ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
@@ -277,7 +280,8 @@ class SavedTensorPolicy:
         self.stats.raw_bytes += raw
         if not is_mask:
             self.seen[key] = TensorInfo(t.numel(), t.element_size() * 8, str(t.dtype),
-                                        self._types.get(self._stack[-1][0], ""))
+                                        self._types.get(self._stack[-1][0], ""),
+                                        type(t.grad_fn).__name__ if t.grad_fn is not None else "")
         if self.mode == "measure":
             self.stats.packed_bytes += raw
             self.stats.exact_bytes += raw

@@ -93,6 +93,7 @@ def captured_backward() -> Iterator[list[torch.Tensor]]:
 def record_forward(policy: SavedTensorPolicy, closure: Callable[[], object]) -> torch.Tensor:
     """Run the closure's forward in record mode and return its (scalar) loss."""
     previous = policy.mode
+    policy.release_recorded()
     policy.mode = "record"
     try:
         with captured_backward() as captured:
