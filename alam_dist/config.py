@@ -31,9 +31,10 @@ class ALAMConfig:
     """Explicit steps at which GradNormVar probes run (overrides the default schedule)."""
     formats: str = "rotated"
     """Codec family the ladder's numbers name: "rotated" (default: 8/4/2/1 bits in
-    Walsh-Hadamard-rotated groups with one bf16 step, 0.5 = average quantization) or
-    "seed" (the ALAM paper's: 8/4/2 bits in min/max groups, 0.5 = average quantization).
-    Measurements behind the default: docs/controller.md."""
+    Walsh-Hadamard-rotated groups of 128 with a bf16 step and mean, round to nearest;
+    0.5 = average quantization) or "seed" (the ALAM paper's: 8/4/2 bits in min/max
+    groups, stochastic rounding; 0.5 = average quantization). Measurements behind the
+    default: docs/controller.md."""
     ladder: tuple[float, ...] | None = None
     """Formats the allocator steps through, from exact down; null gives the family's
     default ([32, 8, 4, 2, 1, 0.5] rotated, [32, 8, 4, 2, 0.5] seed). Entries from 32, 16,

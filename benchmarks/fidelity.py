@@ -10,8 +10,9 @@ package) with a masked-language-model loss on the standard library's pydoc topic
 
 Format sets: ``seed`` (formats="seed", attention="stock": the ALAM paper's min/max groups
 and average quantization, torch's attention kernel) and ``new`` (the defaults:
-formats="rotated", attention="recompute"); ``seed+recompute`` and ``rotated+stock``
-separate the two changes.
+formats="rotated", attention="recompute"); ``new-nofloor`` is ``new`` without the 8-bit
+floor on the loss's log-probabilities; ``seed+recompute`` and ``rotated+stock`` separate
+the two format changes.
 
 Per model, set and budget, on the same model and batches: stored bits per element of
 the plan (metadata included), the saved-activation ratio of a training step, gradient
@@ -45,6 +46,9 @@ SETS = {
     "seed+recompute": {"formats": "seed", "attention": "recompute"},
     "rotated+stock": {"formats": "rotated", "attention": "stock"},
     "new": {"formats": "rotated", "attention": "recompute"},
+    # the defaults without the 8-bit floor on the loss's log-probabilities
+    "new-nofloor": {"formats": "rotated", "attention": "recompute",
+                    "min_bits": {"*Norm:*/*.0": 2}},
 }
 
 
@@ -251,30 +255,34 @@ def uniform_rows(args) -> list[dict]:
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     enc = dict(tok(topic_texts(32), padding="max_length", truncation=True, max_length=64,
                    return_tensors="pt"))
-    model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="sdpa").eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    fn = lambda: model(**enc).last_hidden_state.pow(2).mean()  # noqa: E731
-    exact = flat_grads(fn(), params)
     rows = []
-    for fset in args.sets:
+    # the sets (sdpa attention), then the defaults with eager attention, which saves the
+    # softmax probabilities instead of q, k and the logsumexp
+    cases = [(s, "sdpa") for s in dict.fromkeys(s for s in args.sets if s != "new-nofloor")]
+    cases += [("new", "eager")]
+    for fset, impl in cases:
+        model = AutoModel.from_pretrained(path, local_files_only=True,
+                                          attn_implementation=impl).eval()
+        params = [p for p in model.parameters() if p.requires_grad]
+        fn = lambda: model(**enc).last_hidden_state.pow(2).mean()  # noqa: E731
+        exact = flat_grads(fn(), params)
         kw = SETS[fset]
         fmts = (8, 4, 2, 0.5) if kw["formats"] == "seed" else (8, 4, 2, 1, 0.5)
         for b in fmts:
             cfg = ALAMConfig(bits=b, ladder=(32, b), **kw)
             with Controller(model, config=cfg) as ctl:
-                ctl.policy.stats = type(ctl.policy.stats)()
                 g = flat_grads(fn(), params)
                 st = ctl.policy.stats
                 stored = 32.0 * st.packed_bytes / st.raw_bytes
-            rows.append({"model": "minilm-smooth", "set": fset, "format": b,
-                         "stored_bits": stored, "grad_cosine": cosine(exact, g)})
+            rows.append({"model": "minilm-smooth", "set": fset, "attention_impl": impl,
+                         "format": b, "stored_bits": stored, "grad_cosine": cosine(exact, g)})
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["tiny", "minilm"], choices=["tiny", "minilm"])
-    ap.add_argument("--sets", nargs="+", default=["seed", "new"], choices=list(SETS))
+    ap.add_argument("--sets", nargs="+", default=["seed", "new", "new-nofloor"], choices=list(SETS))
     ap.add_argument("--budgets", type=float, nargs="+", default=[4, 2, 1, 0.75])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--no-oracle", dest="oracle", action="store_false",
@@ -304,7 +312,8 @@ def main() -> None:
     uniform = uniform_rows(args) if args.uniform else []
     if uniform:
         print()
-        print_table(uniform, ["model", "set", "format", "stored_bits", "grad_cosine"])
+        print_table(uniform, ["model", "set", "attention_impl", "format", "stored_bits",
+                              "grad_cosine"])
     print_json("fidelity", rows + uniform, steps=args.steps, sets=args.sets)
 
 

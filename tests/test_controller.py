@@ -23,18 +23,23 @@ def llama_and_exact():
     return model, x, exact
 
 
-@pytest.mark.parametrize("budget,min_cos", [(3, 0.98), (2, 0.92), (1, 0.6)])
-def test_gradient_cosine_to_exact(llama_and_exact, budget, min_cos):
-    # Measured on this setup (docs/controller.md): budget 3 -> 0.99, 2 -> 0.945,
-    # 1 -> 0.66 (budgets count stored bits incl. metadata; at 1 the norm-input floors
-    # leave little but average quantization, which trades per-step cosine for memory).
+@pytest.mark.parametrize("budget,min_cos,floors", [
+    (3, 0.98, None), (2, 0.93, None), (1, 0.75, {"*Norm:*/*.0": 2})])
+def test_gradient_cosine_to_exact(llama_and_exact, budget, min_cos, floors):
+    # Measured on this setup (docs/controller.md, rotated formats): budget 3 -> 0.99,
+    # 2 -> 0.951, 1 -> 0.84 without the 8-bit floor on the loss's log-probabilities (which
+    # are a fifth of this toy's activations, so at budget 1 that floor leaves the rest at
+    # average quantization; at LLM scale they are ~1%). Seed formats: 0.99, 0.945, 0.74.
     model, x, exact = llama_and_exact
-    with Controller(model, config=ALAMConfig(bits=budget)) as ctl:
+    extra = {} if floors is None else {"min_bits": floors}
+    with Controller(model, config=ALAMConfig(bits=budget, **extra)) as ctl:
         ctl.probe(_loss_fn(model, x))
         got = flat_grads(_loss_fn(model, x)(), list(model.parameters()))
         stats = ctl.policy.stats
     assert cosine(exact, got) >= min_cos
-    assert stats.packed_bytes * (32 / budget) <= stats.raw_bytes * 1.35
+    # The plan's budget holds for what was actually stored (metadata included; rotated
+    # tail groups store 128 values, small tensors are kept exact).
+    assert 8 * stats.packed_bytes / (stats.raw_bytes / 4) <= budget + 0.1
 
 
 def test_allocation_beats_uniform_format_at_same_memory(llama_and_exact):
@@ -48,14 +53,16 @@ def test_allocation_beats_uniform_format_at_same_memory(llama_and_exact):
     assert allocated > uniform + 0.02
 
 
-def test_training_reduces_loss_like_exact():
+@pytest.mark.parametrize("formats", ["rotated", "seed"])
+def test_training_reduces_loss_like_exact(formats):
+    """A training smoke test per format family (defaults otherwise)."""
     x = token_batch(8, 32)
     final = {}
     for budget in (None, 2, 1):
         model = tiny_llama(seed=1)
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
         ctl = alam_dist.apply(model, ALAMConfig(bits=budget or 32, probe_steps=[0],
-                                                enabled=budget is not None))
+                                                enabled=budget is not None, formats=formats))
         losses = []
 
         def backprop():
@@ -113,14 +120,14 @@ def test_plan_save_load_round_trip_and_mismatch(tmp_path):
     x = token_batch()
     model = tiny_llama(seed=4)
     path = tmp_path / "plan.json"
-    ctl = Controller(model, save_bit_path=str(path), config=ALAMConfig(bits=1)).install_hook()
+    ctl = Controller(model, save_bit_path=str(path), config=ALAMConfig(bits=2)).install_hook()
     plan = ctl.probe(_loss_fn(model, x))
     ctl.uninstall_hook()
     loaded = Plan.load(path)
     assert loaded.bits == plan.bits and loaded.digest() == plan.digest()
-    assert json.loads(path.read_text())["average_bits"] <= 1.0 + 1e-9
+    assert json.loads(path.read_text())["average_bits"] <= 2.0 + 1e-9
     # A loaded plan skips probing and is used as is.
-    ctl2 = Controller(model, load_bit_path=str(path), config=ALAMConfig(bits=1)).install_hook()
+    ctl2 = Controller(model, load_bit_path=str(path), config=ALAMConfig(bits=2)).install_hook()
     assert not ctl2.probe_due() and ctl2.plan.digest() == plan.digest()
     model(input_ids=x, labels=x).loss.backward()
     assert ctl2.policy.stats.packed_bytes > 0
@@ -314,10 +321,78 @@ def test_reallocate_replans_from_the_last_probe_without_probing():
             ctl.reallocate(1)
         four = ctl.probe(_loss_fn(model, x))
         passes = ctl.probe_cost.backward_passes
-        one = ctl.reallocate(1)
+        one = ctl.reallocate(1.5)
         assert ctl.probe_cost.backward_passes == passes and ctl.plan is one
-        assert one.average_bits() <= 1.0 + 1e-9 < four.average_bits() <= 4.0 + 1e-9
+        assert one.average_bits() <= 1.5 + 1e-9 < four.average_bits() <= 4.0 + 1e-9
         assert one.sensitivity == four.sensitivity
         # the norm-input floor holds at any budget
         norm_inputs = [k for k in one.bits if k.endswith("norm/0.0")]
         assert norm_inputs and all(one.bits[k] >= 2 for k in norm_inputs)
+
+
+def test_format_family_config_and_plans(tmp_path):
+    assert ALAMConfig().formats == "rotated" and ALAMConfig().ladder == (32, 8, 4, 2, 1, 0.5)
+    assert ALAMConfig(formats="seed").ladder == (32, 8, 4, 2, 0.5)
+    with pytest.raises(ValueError, match="formats"):
+        ALAMConfig.from_dict({"formats": "hadamard"})
+    with pytest.raises(ValueError, match="attention"):
+        ALAMConfig.from_dict({"attention": "flash"})
+    with pytest.raises(ValueError, match="ladder entries.*'seed'"):
+        ALAMConfig.from_dict({"formats": "seed", "ladder": [32, 2, 1]})
+    # A plan records its family; using it with the other one is refused with the fix.
+    x = token_batch(2, 32)
+    model = tiny_llama(seed=4)
+    path = tmp_path / "plan.json"
+    with Controller(model, save_bit_path=str(path), config=ALAMConfig(bits=2)) as ctl:
+        plan = ctl.probe(_loss_fn(model, x))
+    assert plan.formats == "rotated" and json.loads(path.read_text())["formats"] == "rotated"
+    with pytest.raises(PlanMismatchError, match="set alam.formats to 'rotated'"):
+        Controller(model, load_bit_path=str(path), config=ALAMConfig(formats="seed"))
+    # Training with it stores rotated formats (h*) and counts their metadata.
+    with Controller(model, load_bit_path=str(path), config=ALAMConfig(bits=2)) as ctl:
+        model(input_ids=x, labels=x).loss.backward()
+        assert ctl.policy.stats.packed_bytes < ctl.policy.stats.raw_bytes / 8
+
+
+def test_floors_match_module_keys_and_producing_ops(llama_and_exact):
+    model, x, _ = llama_and_exact
+    cfg = ALAMConfig(bits=1)
+    assert cfg.floor_for("model.norm/0.0", "LlamaRMSNorm") == 2
+    assert cfg.floor_for("<root>/0.0", "LlamaForCausalLM", "LogSoftmaxBackward0") == 8
+    assert cfg.floor_for("<root>/0.0", "LlamaForCausalLM", "MulBackward0") == 0
+    with Controller(model, config=cfg) as ctl:
+        ctl.probe(_loss_fn(model, x))
+        logp = [k for k, info in ctl.policy.seen.items() if info.op == "LogSoftmaxBackward0"]
+        assert logp and all(ctl.plan.bits[k] >= 8 for k in logp)
+        ctl.config.min_bits = {}
+        ctl.reallocate(1)
+        assert any(ctl.plan.bits[k] < 8 for k in logp)
+
+
+def test_a_step_calling_several_top_level_modules_is_probed_whole():
+    """An encoder call then a head call in one step: the probe keeps the exact copies of
+    both (a top-level call once dropped those of the calls before it)."""
+    model = tiny_llama(seed=7)
+    x = token_batch(2, 32)
+
+    def loss():
+        hidden = model.model(input_ids=x).last_hidden_state
+        return torch.nn.functional.cross_entropy(model.lm_head(hidden).flatten(0, 1), x.flatten())
+
+    with Controller(model, config=ALAMConfig(bits=2)) as ctl:
+        with _no_unmatched_warning():
+            ctl.probe(loss)
+        assert set(ctl.plan.bits) == set(ctl.policy.seen)
+
+
+class _no_unmatched_warning:
+    def __enter__(self):
+        import warnings
+        self._ctx = warnings.catch_warnings(record=True)
+        self._log = self._ctx.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+        assert not [w for w in self._log if "no counterpart" in str(w.message)]
