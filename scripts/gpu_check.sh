@@ -40,26 +40,27 @@ SO=$("$PY" -c "import alam_dist._C_cuda as m; print(m.__file__)" 2>/dev/null)
 if command -v cuobjdump >/dev/null && [ -n "$SO" ]; then
   step cuobjdump 30 cuobjdump --list-elf --list-ptx "$SO"
 fi
-step cuda_tests 240 "$PY" -m pytest tests/test_codec.py -q -k "cuda or special"
+step cuda_tests 240 "$PY" -m pytest tests/test_codec.py tests/test_codec_rotated.py -q -k "cuda or special"
 
 step large_n 240 "$PY" - <<'PYEOF'
 # Sizes past 2**31: 64-bit indexing in every kernel, compared byte for byte with the
 # CPU kernel (itself tested bit-identical to the reference).
 import time, torch
 from alam_dist import codec
-for n, bits in ((2**31 + 5, 8), (2**31 + 7, 0.5)):
+for n, bits, fam in ((2**31 + 5, 8, "seed"), (2**31 + 7, 0.5, "seed"), (2**31 + 9, 2, "rotated")):
     g = torch.Generator(device="cuda").manual_seed(n)
     x = torch.randn(n, device="cuda", generator=g, dtype=torch.float32).to(torch.bfloat16)
     t = time.time()
-    dev = codec.encode(x, bits, seed=3, backend="cuda")
+    dev = codec.encode(x, bits, seed=3, backend="cuda", formats=fam)
     y = codec.decode(dev, backend="cuda")
     torch.cuda.synchronize()
     gpu_s = time.time() - t
-    cpu = codec.encode(x.cpu(), bits, seed=3, backend="cpp")
+    cpu = codec.encode(x.cpu(), bits, seed=3, backend="cpp", formats=fam)
     same_payload = torch.equal(cpu.data, dev.data.cpu())
-    same_meta = torch.equal(cpu.meta.view(torch.int32), dev.meta.cpu().view(torch.int32))
+    view = torch.int32 if cpu.meta.dtype == torch.float32 else torch.int16
+    same_meta = torch.equal(cpu.meta.view(view), dev.meta.cpu().view(view))
     same_out = torch.equal(codec.decode(cpu, backend="cpp").view(torch.int16), y.cpu().view(torch.int16))
-    print(f"n={n} bits={bits}: payload {same_payload} meta {same_meta} decode {same_out} "
+    print(f"n={n} {fam} bits={bits}: payload {same_payload} meta {same_meta} decode {same_out} "
           f"(gpu round trip {gpu_s:.2f}s)")
     assert same_payload and same_meta and same_out
     del x, y, dev, cpu
@@ -77,6 +78,8 @@ for n in (1, 3, 127, 129, 1001, 4099):
         x = torch.randn(n, device="cuda").to(dtype)
         for bits in (0.5, 2, 4, 8):
             codec.decode(codec.encode(x, bits, backend="cuda"), backend="cuda")
+        for bits in (1, 2, 4, 8):
+            codec.decode(codec.encode(x, bits, backend="cuda", formats="rotated"), backend="cuda")
     m = torch.rand(n, device="cuda") > 0.5
     codec.decode(codec.encode(m, 32, backend="cuda"), backend="cuda")
 torch.cuda.synchronize()
