@@ -16,6 +16,8 @@ from typing import Any
 from alam_dist.codec import FORMATS, allowed_bits
 
 DEFAULT_LADDERS = {"rotated": (32, 8, 4, 2, 1, 0.5), "seed": (32, 8, 4, 2, 0.5)}
+DEFAULT_FLOORS = {"rotated": {"*Norm:*/*.0": 4, "op:LogSoftmaxBackward0": 8},
+                  "seed": {"*Norm:*/*.0": 2, "op:LogSoftmaxBackward0": 8}}
 DEFAULT_LADDER = DEFAULT_LADDERS["rotated"]
 
 
@@ -47,14 +49,14 @@ class ALAMConfig:
     """Values per quantization group (fixed by the kernel ABI; kept for config clarity)."""
     aq_average: int = 4
     """Values averaged by average quantization (fixed by the kernel ABI)."""
-    min_bits: dict[str, float] = field(default_factory=lambda: {
-        "*Norm:*/*.0": 2, "op:LogSoftmaxBackward0": 8})
+    min_bits: dict[str, float] | None = None
     """Floors: fnmatch pattern over "ModuleClass:key" (or "op:<autograd node>" for the op
-    that produced the tensor) -> lowest format allowed. The defaults keep
-    normalization-layer inputs off average quantization, whose bias there stalls
-    training, and the loss's log-probabilities at 8 bits or more: the allocator, judging
-    them by size, sent them to 1 bit, and masked-LM fine-tuning of MiniLM then stalled
-    (docs/controller.md). ``{}`` gives the plain ALAM allocation."""
+    that produced the tensor) -> lowest format allowed; null gives the family's default:
+    normalization-layer inputs at 4 bits (rotated) or 2 (seed) -- average quantization's
+    bias there, and round-to-nearest 2-bit's, stalled training -- and the loss's
+    log-probabilities at 8 bits: judged by size, they were sent to 1 bit and masked-LM
+    fine-tuning of MiniLM stalled (docs/controller.md). ``{}`` gives the plain ALAM
+    allocation."""
     probe: str = "cheap"
     """Probe round: "cheap" (default: a few representative transformer blocks, backward
     restarted at the probed block, a slice of the micro-batch; docs/controller.md) or
@@ -120,6 +122,8 @@ class ALAMConfig:
         if self.aq_average != 4:
             raise ValueError(f"alam.aq_average={self.aq_average}: average quantization averages "
                              "4 values; remove the key or set it to 4")
+        if self.min_bits is None:
+            self.min_bits = dict(DEFAULT_FLOORS[self.formats])
         if not isinstance(self.min_bits, dict) or not all(
                 isinstance(k, str) and v in allowed for k, v in self.min_bits.items()):
             raise ValueError(f"alam.min_bits maps key patterns to formats in {allowed}, "

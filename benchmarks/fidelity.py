@@ -48,7 +48,7 @@ SETS = {
     "new": {"formats": "rotated", "attention": "recompute"},
     # the defaults without the 8-bit floor on the loss's log-probabilities
     "new-nofloor": {"formats": "rotated", "attention": "recompute",
-                    "min_bits": {"*Norm:*/*.0": 2}},
+                    "min_bits": {"*Norm:*/*.0": 4}},
 }
 
 
