@@ -20,8 +20,10 @@ gradient-accumulation boundaries, and stores the plan in the engine's checkpoint
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ import torch
 
 from alam_dist.collectives import DistributedCollective
 from alam_dist.config import ALAMConfig
-from alam_dist.controller import Controller, slice_inputs
+from alam_dist.controller import Controller, loss_of, slice_inputs
 from alam_dist.allocation import Plan
 
 try:
@@ -64,18 +66,6 @@ def split_config(config: str | Path | dict | None, args: Any = None) -> tuple[di
     return config, ALAMConfig.from_dict(section)
 
 
-def _loss_of(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    loss = getattr(output, "loss", None)
-    if loss is None and isinstance(output, dict):
-        loss = output.get("loss")
-    if not isinstance(loss, torch.Tensor):
-        raise ValueError("ALAM probes need the loss from engine(...): return a loss tensor, or an "
-                         "output with .loss / ['loss'] (e.g. Hugging Face models given labels)")
-    return loss
-
-
 class DeepSpeedALAM:
     """Binds a Controller to a DeepSpeed engine's life cycle (see the module docstring)."""
 
@@ -84,7 +74,6 @@ class DeepSpeedALAM:
         collective = DistributedCollective() if torch.distributed.is_initialized() else None
         self.controller = Controller(engine.module, config=config, collective=collective)
         self.controller.install_hook()
-        self._probed: set[int] = set()
         self._in_probe = False
         self._pending = False
         self._step_start: float | None = None
@@ -102,8 +91,7 @@ class DeepSpeedALAM:
             if self._step_start is None:
                 self._step_start = time.perf_counter()
             if not self._in_probe:
-                if ctl.probe_due() and ctl.step not in self._probed:
-                    self._probed.add(ctl.step)
+                if ctl.take_due_probe():
                     self._pending = True
                 # ZeRO-3 traces its parameter fetches during the first step; before that a
                 # second backward over one graph finds weights re-partitioned, so a round
@@ -117,7 +105,7 @@ class DeepSpeedALAM:
                     # cheap rounds probe a slice of the micro-batch (alam.probe_batch_fraction)
                     fraction = ctl.config.probe_batch_fraction if ctl.config.probe == "cheap" else 1.0
                     pargs, pkwargs, share = slice_inputs(args, kwargs, fraction)
-                    self.probe(lambda: _loss_of(module(*pargs, **pkwargs)), batch_share=share)
+                    self.probe(lambda: loss_of(module(*pargs, **pkwargs)), batch_share=share)
             return forward(*args, **kwargs)
 
         def alam_step(*args, **kwargs):
@@ -163,21 +151,40 @@ class DeepSpeedALAM:
             self._in_probe = False
 
     def state_dict(self) -> dict:
-        ctl = self.controller
-        return {"step": ctl.step, "probed": sorted(self._probed),
-                "plan": ctl.plan.to_dict() if ctl.plan else None,
-                "config": ctl.config.to_dict()}
+        return self.controller.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the plan and step: a resumed run does not re-probe steps already probed."""
-        ctl = self.controller
-        ctl.step = int(state["step"])
-        self._probed = set(state.get("probed", []))
-        if state.get("plan"):
-            ctl.set_plan(Plan.from_dict(state["plan"]))
+        self.controller.load_state_dict(state)
 
     def memory_report(self) -> dict:
         return self.controller.memory_report()
+
+
+def release_cpu_allreduce_buffer() -> list[str]:
+    """Unlink this rank's DeepSpeed CPU shared-memory allreduce segment.
+
+    On the CPU accelerator DeepSpeed maps a 69 MB ``/dev/shm/deepspeed_allreduce_buffer_*``
+    segment per rank and never unlinks it: every run leaves them behind, and /dev/shm is
+    RAM (a test suite of short runs filled 22 GB and was killed for memory). Once every
+    rank has mapped its peers' segments (the barrier), the names can go: the mappings stay
+    valid until the processes exit, and then the memory is freed, also after a crash.
+    Returns the paths removed (none off the CPU accelerator or before DeepSpeed's init).
+    """
+    if not torch.distributed.is_initialized() or "MASTER_PORT" not in os.environ:
+        return []
+    torch.distributed.barrier()
+    rank = torch.distributed.get_rank()
+    pattern = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_"
+               f"{os.environ['MASTER_PORT']}_{rank}")
+    removed = []
+    for path in glob.glob(pattern):
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
@@ -207,4 +214,5 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                               config=ds_config, **kwargs)
     if alam_config is not None and alam_config.enabled:
         DeepSpeedALAM(result[0], alam_config)
+    release_cpu_allreduce_buffer()
     return result

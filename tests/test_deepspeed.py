@@ -6,15 +6,13 @@ the suite within the CI budget.
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests import multiproc
+from tests.multiproc import ok
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
@@ -24,52 +22,10 @@ WORKER = ROOT / "tests" / "dist_worker.py"
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(scenarios: list[dict], out: Path, launcher: str = "torchrun", timeout: int = 600,
            nproc: int = 2) -> dict:
-    """Run the worker on ``nproc`` ranks; return {scenario: [result of rank 0, 1, ...]}."""
-    spec = out / "scenarios.json"
-    out.mkdir(parents=True, exist_ok=True)
-    spec.write_text(json.dumps(scenarios))
-    env = dict(os.environ, ALAM_TEST_LAUNCHER=launcher, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    port = str(_free_port())
-    worker_args = [str(WORKER), "--out", str(out), "--scenarios", f"@{spec}"]
-    if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", port, *worker_args]
-    elif launcher == "deepspeed":
-        hostfile = out / "hostfile"
-        hostfile.write_text(f"localhost slots={nproc}\n")
-        cmd = [shutil.which("deepspeed") or "deepspeed", "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr", "127.0.0.1",
-               "--num_gpus", str(nproc), "--master_port", port, *worker_args]
-    elif launcher == "mpirun":
-        cmd = [shutil.which("mpirun") or "mpirun", "--allow-run-as-root", "--oversubscribe",
-               "-n", str(nproc), "-x", "PYTHONPATH", "-x", "ALAM_TEST_LAUNCHER", "-x", "OMP_NUM_THREADS",
-               "-x", f"MASTER_PORT={port}", "-x", "MASTER_ADDR=127.0.0.1",
-               sys.executable, *worker_args]
-    else:
-        raise ValueError(launcher)
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    results = {}
-    for sc in scenarios:
-        files = [out / f"{sc['name']}.rank{r}.json" for r in range(nproc)]
-        if not all(f.exists() for f in files):
-            raise AssertionError(f"{launcher} run produced no result for {sc['name']} "
-                                 f"(exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        results[sc["name"]] = [json.loads(f.read_text()) for f in files]
-    return results
-
-
-def ok(results: list[dict]) -> list[dict]:
-    for r in results:
-        assert "error" not in r, r.get("traceback", r.get("error"))
-    return results
+    """Run tests/dist_worker.py on ``nproc`` ranks: {scenario: [result of rank 0, 1, ...]}."""
+    return multiproc.launch(WORKER, scenarios, out, launcher, timeout, nproc)
 
 
 ALAM = {"bits": 2, "probe_steps": [0]}
@@ -113,6 +69,11 @@ def test_zero_stages_train_with_identical_plans(zero_runs, stage, dtype):
     assert h0["backward_passes"] == 3 * h0["jobs_this_rank"] + h0["padding_passes"]
     # the cheap round's one exact backward (restart gradients) is counted too
     assert r0["probe_cost"]["backward_passes"] == h0["backward_passes"] + h0["restart_backward"]
+
+
+def test_runs_leave_no_shared_memory_segments_behind(zero_runs):
+    # every rank unlinked its /dev/shm allreduce segment (DeepSpeed on CPU does not)
+    assert zero_runs["_shm_leftover"] == []
 
 
 def test_without_alam_section_it_is_plain_deepspeed(zero_runs):
