@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 import math
 import statistics
@@ -113,6 +114,9 @@ class Controller:
         self.policy.bits_for = self._bits_for
         self.policy.seed_for = self._seed_for
         self.step = 0
+        self.probed_steps: set[int] = set()
+        """Steps whose scheduled probe round ran (saved with the plan: a resumed run
+        does not repeat them)."""
         self.plan: Plan | None = None
         self.probe_cost = ProbeCost()
         self._last_stats = None
@@ -210,7 +214,8 @@ class Controller:
         return self.config.enabled and self.step in self.config.probe_steps_resolved()
 
     def probe(self, closure: Callable[[], object], *, forward_per_pass: bool = False,
-              collective_passes: bool = False, batch_share: tuple[int, int] = (1, 1)) -> Plan:
+              collective_passes: bool = False, batch_share: tuple[int, int] = (1, 1),
+              grad_params: list[torch.Tensor] | None = None) -> Plan:
         """Run one GradNormVar round with ``closure`` as the forward, allocate, set the plan.
 
         ``closure`` runs the model's forward and returns the loss (or calls
@@ -232,17 +237,23 @@ class Controller:
         micro-batch (:func:`slice_inputs`) and its ``batch_share`` (kept, total samples),
         so that the probe sees exactly the tensors training saves (``min_numel`` is
         judged at training size).
+
+        ``grad_params``: the tensors whose gradient norms the statistic compares, when they
+        are not the model's parameters (FSDP2: the unsharded parameters its forward uses;
+        the sharded ones get no gradient from ``autograd.grad``).
         """
         if not self.policy.installed:
             raise RuntimeError("install_hook() before probing")
         start = time.perf_counter()
         params = [p for p in self.model.parameters() if p.requires_grad]
+        stat_params = params if grad_params is None else list(grad_params)
         seed = key_seed(self.config.seed, self.step, "probe")
         stack = self._blocks if self.config.probe == "cheap" else None
         probed_blocks = stack.choose(self.config.probe_blocks) if stack else []
         stats_before = self.policy.stats
         restarts = None
-        with preserved_training_state(self.model, params):
+        with preserved_training_state(self.model, params + [p for p in stat_params
+                                                            if grad_params is not None]):
             self.policy.stats = type(stats_before)()
             self.policy.seen.clear()
             self.policy.size_share = batch_share
@@ -263,7 +274,7 @@ class Controller:
                     # the first forward only served the inventory, ratios and restarts
                     loss = loss.detach()
                 groups = self._job_groups(list(seen), stack, probed_blocks)
-                probe_round = ProbeRound(self.policy, loss, params, seed, self.config.ladder,
+                probe_round = ProbeRound(self.policy, loss, stat_params, seed, self.config.ladder,
                                          self.config.probe_granularity,
                                          keys=[j.key for g in groups for j in g],
                                          forward=refresh, restarts=restarts)
@@ -361,6 +372,33 @@ class Controller:
         self.set_plan(plan)
         return plan
 
+    def take_due_probe(self) -> bool:
+        """Whether a probe round is due at this step and has not run yet; marks it as run.
+        Integrations call it on the first forward of a step."""
+        if self.probe_due() and self.step not in self.probed_steps:
+            self.probed_steps.add(self.step)
+            return True
+        return False
+
+    # -- checkpoint state -----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Step, probed steps, plan and config: what a resumed run needs so that it does not
+        re-probe. Plain Python values, so it fits DeepSpeed's client state and
+        ``torch.distributed.checkpoint`` (the controller is a DCP ``Stateful``)."""
+        return {"step": self.step, "probed": sorted(self.probed_steps),
+                "plan": json.dumps(self.plan.to_dict()) if self.plan else "",
+                "config": json.dumps(self.config.to_dict())}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the plan (checked across ranks like a loaded plan) and the step."""
+        self.step = int(state["step"])
+        self.probed_steps = set(int(s) for s in state.get("probed", []))
+        plan = state.get("plan")
+        if isinstance(plan, str):
+            plan = json.loads(plan) if plan else None
+        if plan:
+            self.set_plan(Plan.from_dict(plan))
+
     # -- the training step ----------------------------------------------------------------
     def iterate(self, backprop: Callable[[], object]) -> object:
         """Probe when due (with ``backprop`` as the forward), then run ``backprop()`` once."""
@@ -428,6 +466,21 @@ def compiled_modules(model: torch.nn.Module) -> list[str]:
         if getattr(module, "_compiled_call_impl", None) is not None:
             names.append(name or "<the model>")
     return names
+
+
+def loss_of(output: object) -> torch.Tensor:
+    """The loss in a model's output: the tensor itself, ``.loss`` or ``["loss"]`` (Hugging
+    Face models given labels). Probes need it from the model's own forward."""
+    if isinstance(output, torch.Tensor):
+        return output
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, dict):
+        loss = output.get("loss")
+    if not isinstance(loss, torch.Tensor):
+        raise ValueError("ALAM probes need the loss from the model's forward: return a loss "
+                         "tensor, or an output with .loss / ['loss'] (e.g. Hugging Face models "
+                         "given labels)")
+    return loss
 
 
 def slice_inputs(args: tuple, kwargs: dict, fraction: float) -> tuple[tuple, dict, tuple[int, int]]:

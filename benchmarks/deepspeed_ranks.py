@@ -1,13 +1,15 @@
-"""ALAM under DeepSpeed for R ranks, side by side: probe cost and step time per rank.
+"""ALAM under DeepSpeed and FSDP2 for R ranks, side by side: probe cost and step time per rank.
 
-    python benchmarks/deepspeed_ranks.py                 # R = 1, 2; ZeRO-2 and ZeRO-3
-    python benchmarks/deepspeed_ranks.py --ranks 1 2 4 --zero 3 --steps 6
+    python benchmarks/deepspeed_ranks.py                 # R = 1, 2; ZeRO-2, ZeRO-3, FSDP2
+    python benchmarks/deepspeed_ranks.py --ranks 1 2 4 --zero 3 fsdp --steps 6
 
 For each R and ZeRO stage it launches real ranks (torchrun, gloo on CPU; NCCL where the
 machine has GPUs) of tests/dist_worker.py twice in one process group: without ALAM and
 with ALAM (budget --bits, one probe round). It reports, per rank: probe backward passes
 (about 3*L/R), probe wall time, median step time with and without ALAM (probe steps
 excluded), and saved-activation bytes with the compression ratio. Table + one JSON line.
+``fsdp`` in ``--zero`` runs tests/fsdp_worker.py instead: fully_shard per decoder block and
+root, alam_dist.fsdp.apply.
 """
 from __future__ import annotations
 
@@ -33,17 +35,21 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def run(ranks: int, zero: int, args) -> dict:
-    base = {"zero": zero, "steps": args.steps, "seq": args.seq, "hidden": args.hidden,
+def run(ranks: int, zero: str, args) -> dict:
+    fsdp = zero == "fsdp"
+    base = {"steps": args.steps, "seq": args.seq, "hidden": args.hidden,
             "layers": args.layers, "micro_batch": args.micro_batch, "attn": args.attn}
-    probe_step = 1 if zero == 3 else 0  # ZeRO-3 runs the step-0 round at step 1
+    if not fsdp:
+        base["zero"] = int(zero)
+    probe_step = 1 if zero == "3" else 0  # ZeRO-3 runs the step-0 round at step 1
+    worker = ROOT / "tests" / ("fsdp_worker.py" if fsdp else "dist_worker.py")
     scenarios = [dict(base, name="exact"),
                  dict(base, name="alam", alam={"bits": args.bits, "probe_steps": [0]})]
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "s.json"
         spec.write_text(json.dumps(scenarios))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-               "--master_port", str(_port()), str(ROOT / "tests" / "dist_worker.py"),
+               "--master_port", str(_port()), str(worker),
                "--out", tmp, "--scenarios", f"@{spec}"]
         env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(max(1, args.threads // ranks)))
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
@@ -51,7 +57,7 @@ def run(ranks: int, zero: int, args) -> dict:
         for name in ("exact", "alam"):
             paths = [Path(tmp) / f"{name}.rank{r}.json" for r in range(ranks)]
             if not all(p.exists() for p in paths):
-                raise RuntimeError(f"R={ranks} ZeRO-{zero} failed:\n{proc.stderr[-3000:]}")
+                raise RuntimeError(f"R={ranks} {zero} failed:\n{proc.stderr[-3000:]}")
             res[name] = [json.loads(p.read_text()) for p in paths]
             for r in res[name]:
                 if "error" in r:
@@ -61,7 +67,7 @@ def run(ranks: int, zero: int, args) -> dict:
     slowest = max(r["probe_cost"]["history"][0]["seconds"] for r in res["alam"])
     train_steps = [t for i, t in enumerate(alam["step_seconds"]) if i != probe_step]
     return {
-        "ranks": ranks, "zero": zero, "tensors": hist["tensors"],
+        "ranks": ranks, "sharding": "fsdp2" if fsdp else f"zero{zero}", "tensors": hist["tensors"],
         "probe_jobs_per_rank": hist["jobs_this_rank"],
         "probe_backward_passes_per_rank": hist["backward_passes"],
         "padding_passes_rank0": hist.get("padding_passes", 0),
@@ -72,13 +78,15 @@ def run(ranks: int, zero: int, args) -> dict:
         "saved_MB_raw_per_rank": alam["memory"]["saved_bytes_raw"] / 2**20,
         "saved_MB_alam_per_rank": alam["memory"]["saved_bytes_packed"] / 2**20,
         "ratio": alam["memory"]["ratio"],
+        "probe_step_equivalents": hist["seconds"] / statistics.median(train_steps[1:] or train_steps),
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--zero", type=int, nargs="+", default=[2, 3])
+    ap.add_argument("--zero", nargs="+", default=["2", "3", "fsdp"], choices=["0", "1", "2", "3", "fsdp"],
+                    help="ZeRO stages to run, and/or fsdp (FSDP2 fully_shard)")
     ap.add_argument("--bits", type=float, default=1.0)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--seq", type=int, default=128)
@@ -92,7 +100,7 @@ def main() -> None:
     for zero in args.zero:
         for ranks in args.ranks:
             rows.append(run(ranks, zero, args))
-            print(f"  done R={ranks} ZeRO-{zero}", file=sys.stderr, flush=True)
+            print(f"  done R={ranks} {zero}", file=sys.stderr, flush=True)
     print_table(rows, list(rows[0]))
     print_json("deepspeed_ranks", rows, bits=args.bits, seq=args.seq, hidden=args.hidden,
                layers=args.layers)

@@ -96,7 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--save_steps", type=int, default=0, help="checkpoint every N steps (0: never)")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUTPUT_DIR")
     ap.add_argument("--gradient_checkpointing", action="store_true", help="non-reentrant, per decoder layer")
-    ap.add_argument("--fsdp", action="store_true", help="run under torchrun with FSDP instead of DeepSpeed")
+    ap.add_argument("--fsdp", action="store_true",
+                    help="run under torchrun with FSDP2 (fully_shard per decoder block) instead of "
+                         "DeepSpeed; the config file's batch, accumulation, clipping, bf16 and "
+                         "\"alam\" keys apply")
     ap.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher
     switch = ap.add_mutually_exclusive_group()
@@ -180,8 +183,10 @@ def build_model(args, tok, ds_config: dict):
     import torch
     import transformers
     from transformers.integrations import HfDeepSpeedConfig
-    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
-    if ds_config.get("zero_optimization", {}).get("stage") == 3:
+    # FSDP keeps fp32 parameters and computes in bf16 through its MixedPrecisionPolicy
+    bf16 = ds_config.get("bf16", {}).get("enabled") and not args.fsdp
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    if ds_config.get("zero_optimization", {}).get("stage") == 3 and not args.fsdp:
         # transformers then builds (and loads) the model partitioned under zero.Init:
         # a 7B model never exists whole on one rank. The object must stay alive.
         _KEEP_ALIVE.append(HfDeepSpeedConfig({k: v for k, v in ds_config.items() if k != "alam"}))
@@ -239,12 +244,13 @@ class Batches:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.fsdp:
-        raise UsageError("--fsdp: the FSDP integration (alam_dist.fsdp) is not built yet; run "
-                         "this script with DeepSpeed (deepspeed launch/train.py --deepspeed CONFIG)")
     # Everything that can be wrong with the input is checked here, before any
     # process group exists or any rank starts work.
     ds_config, alam_config = resolve_configs(args)
+    if args.fsdp and ("optimizer" in ds_config or "scheduler" in ds_config):
+        raise UsageError("--fsdp trains with AdamW at --lr (and --warmup_steps); the config's "
+                         "\"optimizer\"/\"scheduler\" sections are DeepSpeed's: remove them or "
+                         "run without --fsdp")
     check_model_source(args)
     tok = load_tokenizer(args)
     try:
@@ -253,14 +259,22 @@ def main(argv: list[str] | None = None) -> dict:
         raise UsageError(str(err)) from None
 
     import torch
-    import deepspeed
     import alam_dist
-    import alam_dist.deepspeed as ads
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if args.fsdp:
+        if "LOCAL_RANK" not in os.environ:
+            raise UsageError("--fsdp runs under torchrun: torchrun --nproc_per_node N "
+                             "launch/train.py --fsdp ...")
+        torch.distributed.init_process_group(backend)
+    else:
+        import deepspeed
+        deepspeed.init_distributed(dist_backend=backend)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    device = torch.device("cpu")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", torch.cuda.current_device())
     out_dir = Path(args.output_dir)
     ckpt_dir = out_dir / "checkpoints"
     if rank == 0:
@@ -268,12 +282,23 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = build_model(args, tok, ds_config)
     optimizer = None
-    if "optimizer" not in ds_config:
+    if args.fsdp:
+        from launch.fsdp_engine import FSDPEngine
+        model.to(device)
+        # fully_shard first: the optimizer must hold the sharded parameters
+        engine = FSDPEngine(model, None, ds_config, alam_config)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                       lr=args.lr, weight_decay=0.0)
-    engine, _, _, scheduler = ads.initialize(model=model, optimizer=optimizer,
-                                             model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                             config=ds_config)
+        engine.set_optimizer(optimizer)
+        scheduler = None
+    else:
+        import alam_dist.deepspeed as ads
+        if "optimizer" not in ds_config:
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                          lr=args.lr, weight_decay=0.0)
+        engine, _, _, scheduler = ads.initialize(
+            model=model, optimizer=optimizer,
+            model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
     alam = getattr(engine, "alam", None)
     meter = None if alam else alam_dist.SavedActivationMeter(engine.module)
     micro_batch = engine.train_micro_batch_size_per_gpu()
@@ -307,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
         probes_before = alam.controller.probe_cost.rounds if alam else 0
         loss_sum, tokens = 0.0, 0
         for _ in range(accum):
-            batch = next(batches)
+            batch = {k: v.to(device) for k, v in next(batches).items()}
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
