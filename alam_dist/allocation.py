@@ -94,13 +94,28 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
+        if not isinstance(d, dict):
+            raise PlanMismatchError(f"not an alam_dist plan: a JSON object was expected, "
+                                    f"got {type(d).__name__}")
         if d.get("version") != PLAN_VERSION or "bits" not in d:
-            raise PlanMismatchError(f"not an alam_dist plan (version {d.get('version')!r}, "
-                                    f"expected {PLAN_VERSION})")
+            missing = [k for k in ("version", "bits") if k not in d]
+            raise PlanMismatchError(
+                f"not an alam_dist plan (version {d.get('version')!r}, expected {PLAN_VERSION}"
+                + (f"; missing key(s) {missing}" if missing else "") + ")")
         formats = d.get("formats", "seed")
         if formats not in _STORED_BITS:
             raise PlanMismatchError(f"the plan names formats {formats!r}; known: "
                                     f"{sorted(_STORED_BITS)}")
+        if not isinstance(d["bits"], dict) or not d["bits"]:
+            raise PlanMismatchError("the plan's 'bits' must be a non-empty object "
+                                    "(saved-tensor key -> bits)")
+        allowed = set(_STORED_BITS[formats]) | {16, 32}
+        bad = [(k, v) for k, v in d["bits"].items()
+               if isinstance(v, bool) or not isinstance(v, (int, float)) or v not in allowed]
+        if bad:
+            raise PlanMismatchError(
+                f"the plan gives {len(bad)} tensor(s) bits outside the {formats!r} ladder "
+                f"{sorted(allowed)}, e.g. {bad[:3]}")
         return cls(bits={k: float(v) if v == 0.5 else int(v) for k, v in d["bits"].items()},
                    formats=formats,
                    numel={k: int(v) for k, v in d.get("numel", {}).items()},
@@ -117,11 +132,23 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
+        """Read a plan file; any problem (missing, truncated, hand-edited) raises an error
+        naming the file and the problem."""
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
+            text = Path(path).read_text()
         except FileNotFoundError:
             raise FileNotFoundError(f"bit plan {path} does not exist; run once with "
                                     "save_plan_path to create it") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise PlanMismatchError(f"bit plan {path}:{err.lineno}: not valid JSON ({err.msg}); "
+                                    "the file is truncated or was edited by hand: restore it "
+                                    "or re-probe (delete load_plan_path)") from None
+        try:
+            return cls.from_dict(data)
+        except (PlanMismatchError, KeyError, TypeError, ValueError) as err:
+            raise PlanMismatchError(f"bit plan {path}: {err}") from None
 
 
 def _ladder_for(raw_bits: int, ladder: tuple[float, ...], floor: float = 0.0,

@@ -55,6 +55,9 @@ class DistributedCollective(Collective):
                     merged[key] = info
         return dict(sorted(merged.items()))
 
+    def gather_mismatches(self, mismatches: dict[str, str]) -> list[dict[str, str]]:
+        return self._all_gather(mismatches)
+
     def check_plan(self, plan: Plan | None, error: Exception | None = None) -> None:
         local = (None, None, f"{type(error).__name__}: {error}") if error is not None \
             else (plan.digest(), plan.bits, None)

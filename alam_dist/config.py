@@ -71,6 +71,11 @@ class ALAMConfig:
     one; a one-sample micro-batch is used whole), through the integrations."""
     probe_granularity: str = "row"
     """GradNormVar's norm vector: "row" (per output row, default) or "param" (reference)."""
+    probe_timeout_s: float = 300.0
+    """Multi-rank probe rounds: a rank whose round makes no progress for this many seconds
+    (another rank died or hangs) logs which round and phase, and exits, so the launcher
+    stops the job instead of every rank waiting for the process group's 30-minute timeout.
+    0 disables it (docs/reliability.md)."""
     min_numel: int = 1024
     """Saved tensors smaller than this are kept exact (metadata would dominate)."""
     seed: int = 0
@@ -138,6 +143,10 @@ class ALAMConfig:
                 self.probe_batch_fraction, (int, float)) or not 0 < self.probe_batch_fraction <= 1:
             raise ValueError(f"alam.probe_batch_fraction must be in (0, 1], got "
                              f"{self.probe_batch_fraction!r}")
+        if isinstance(self.probe_timeout_s, bool) or not isinstance(
+                self.probe_timeout_s, (int, float)) or self.probe_timeout_s < 0:
+            raise ValueError(f"alam.probe_timeout_s must be seconds >= 0 (0: no watchdog), got "
+                             f"{self.probe_timeout_s!r}")
         if self.probe_granularity not in ("row", "param"):
             raise ValueError(f"alam.probe_granularity must be 'row' or 'param', got "
                              f"{self.probe_granularity!r}")

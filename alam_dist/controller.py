@@ -38,6 +38,7 @@ from alam_dist.allocation import Plan, PlanMismatchError, allocate
 from alam_dist.config import ALAMConfig
 from alam_dist.policy import SavedTensorPolicy, StepStats, key_seed, model_fingerprint
 from alam_dist.blocks import BlockStack, derive, find_blocks
+from alam_dist.watchdog import ProbeWatchdog
 from alam_dist.sensitivity import (BlockRestarts, ProbeJob, ProbeResult, ProbeRound,
                                    preserved_training_state, record_forward)
 
@@ -65,6 +66,10 @@ class Collective:
     def gather_inventory(self, seen: dict) -> dict:
         """Every rank's saved-tensor inventory merged, identical on all ranks."""
         return dict(sorted(seen.items()))
+
+    def gather_mismatches(self, mismatches: dict[str, str]) -> list[dict[str, str]]:
+        """Every rank's saved tensors of this step that were not in the plan."""
+        return [mismatches]
 
     def check_plan(self, plan: Plan | None, error: Exception | None = None) -> None:
         """Raise if ranks hold different plans, or if any rank failed to get one
@@ -125,6 +130,7 @@ class Controller:
         self._blocks = find_blocks(model)
         self._default_bits = _uniform_bits(self.config.bits, self.config.ladder)
         self._mismatch_warned: set[str] = set()
+        self._step_mismatches: dict[str, str] = {}
         self._step_times: collections.deque[float] = collections.deque(maxlen=50)
         self._step_seconds: float | None = None
         if self.config.load_plan_path:
@@ -171,6 +177,12 @@ class Controller:
                    "was made. Re-probe (delete load_plan_path) or set "
                    "alam.on_plan_mismatch='warn' to keep such tensors exact.")
             if self.config.on_plan_mismatch == "error":
+                if self.collective.world_size > 1:
+                    # Raising here would stop this rank alone, while the others wait in
+                    # the step's collectives: keep the tensor exact, and let step_done()
+                    # raise on every rank together.
+                    self._step_mismatches.setdefault(key, f"{tuple(t.shape)} {t.dtype}")
+                    return 32
                 raise PlanMismatchError(msg)
             if key not in self._mismatch_warned:
                 self._mismatch_warned.add(key)
@@ -244,6 +256,25 @@ class Controller:
         """
         if not self.policy.installed:
             raise RuntimeError("install_hook() before probing")
+        rank, world = self.collective.rank, self.collective.world_size
+        what = f"the ALAM probe round at step {self.step} on rank {rank} of {world}"
+        watchdog = ProbeWatchdog(self.config.probe_timeout_s if world > 1 else 0, what)
+        with watchdog:
+            try:
+                return self._probe_round(closure, watchdog, forward_per_pass, collective_passes,
+                                         batch_share, grad_params)
+            except PlanMismatchError:
+                raise
+            except Exception as err:
+                if world == 1:
+                    raise
+                # a peer that died shows up here as a failed collective: say where we were
+                raise RuntimeError(f"alam_dist: {what} failed while {watchdog.phase}: "
+                                   f"{type(err).__name__}: {err}") from err
+
+    def _probe_round(self, closure, watchdog: "ProbeWatchdog", forward_per_pass: bool,
+                     collective_passes: bool, batch_share: tuple[int, int],
+                     grad_params: list[torch.Tensor] | None) -> Plan:
         start = time.perf_counter()
         params = [p for p in self.model.parameters() if p.requires_grad]
         stat_params = params if grad_params is None else list(grad_params)
@@ -264,10 +295,13 @@ class Controller:
                         or stack.block_of(key) is None
                 restarts = BlockRestarts({b: stack.modules[b] for b in probed_blocks})
             try:
+                watchdog.beat("recording the probe forward")
                 loss = record_forward(self.policy, closure)
                 # Jobs come from the merged inventory so that job indices agree on all ranks.
+                watchdog.beat("gathering the saved-tensor inventory from every rank")
                 seen = self.collective.gather_inventory(dict(self.policy.seen))
                 if restarts is not None:
+                    watchdog.beat("the restart backward")
                     restarts.compute_grads(loss)  # one exact backward (every rank)
                 refresh = (lambda: record_forward(self.policy, closure)) if forward_per_pass else None
                 if refresh is not None:
@@ -284,9 +318,12 @@ class Controller:
                     group_start = time.perf_counter()
                     mine = [j for j in self.collective.my_jobs(group) if probe_round.has_exact(j.key)]
                     mine_count += len(mine)
-                    local += [probe_round.run(job) for job in mine]
+                    for job in mine:
+                        watchdog.beat(f"probe job {job.key!r} (job {job.index})")
+                        local.append(probe_round.run(job))
                     if collective_passes:
                         for _ in range(self.collective.jobs_per_rank(len(group)) - len(mine)):
+                            watchdog.beat("a padding pass (lockstep with ranks with more jobs)")
                             padding += probe_round.run_padding(group[0].start)
                     group_cost.append({"start": group[0].start, "jobs": len(group),
                                        "jobs_this_rank": len(mine),
@@ -299,6 +336,7 @@ class Controller:
                 if restarts is not None:
                     restarts.remove()
         self.policy.stats = stats_before
+        watchdog.beat("gathering probe results from every rank")
         results = self.collective.gather_results(local)
         sens = {r.key: r.sensitivity for r in results}
         ratios = {r.key: r.error_ratio for r in results}
@@ -310,6 +348,7 @@ class Controller:
                                     f"(e.g. {missing[:3]}): the model's forward must take the "
                                     "same path on every rank")
         self._last_probe = (sens, seen, ratios)
+        watchdog.beat("checking the new plan across ranks")
         plan = self.reallocate(self.config.bits)
         elapsed = time.perf_counter() - start
         backward_passes = sum(r.backward_passes for r in local) + padding
@@ -414,6 +453,9 @@ class Controller:
         Raises if the step's forwards never reached ALAM's hooks or saved nothing through
         them (a compiled forward, a forward under no_grad, or a forward of another module
         than the one ALAM was applied to): ALAM would be installed and compress nothing."""
+        if self.collective.world_size > 1 and self.config.on_plan_mismatch == "error" \
+                and self.policy.installed:
+            self._check_step_mismatches()
         s = self.policy.stats
         if self.policy.installed and self.policy.compiled_forward_seen:
             raise RuntimeError(
@@ -431,6 +473,24 @@ class Controller:
         self._last_stats = self.policy.stats
         self.policy.stats = type(self._last_stats)()
         self.step += 1
+
+    def _check_step_mismatches(self) -> None:
+        """Every rank says which saved tensors of this step were not in the plan (one small
+        gather per step); if any rank saw one, all raise the same error."""
+        mine, self._step_mismatches = self._step_mismatches, {}
+        gathered = self.collective.gather_mismatches(mine)
+        bad = {rank: keys for rank, keys in enumerate(gathered) if keys}
+        if bad:
+            detail = "; ".join(f"rank {rank}: " + ", ".join(f"{k!r} {v}" for k, v in
+                                                           list(keys.items())[:3])
+                               + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+                               for rank, keys in bad.items())
+            raise PlanMismatchError(
+                f"training step {self.step}: saved tensors not in the bit plan on rank(s) "
+                f"{sorted(bad)} ({detail}); they were kept exact for this step. The model's "
+                "forward took a path the plan was not made for. Re-probe (delete "
+                "load_plan_path, or schedule a probe step) or set alam.on_plan_mismatch="
+                "'warn' to keep such tensors exact and go on.")
 
     def memory_report(self) -> dict:
         """Saved-activation bytes of the last finished step (or the current one)."""
@@ -517,6 +577,7 @@ def _stats_report(s: StepStats) -> dict:
         "skipped_weights": s.skipped_weights,
         "skipped_other": s.skipped_other,
         "forwards": s.forwards,
+        "nonfinite_tensors": s.nonfinite_tensors,
     }
 
 

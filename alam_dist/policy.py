@@ -75,6 +75,16 @@ class StepStats:
     skipped_other: int = 0
     forwards: int = 0
     per_key_bytes: dict[str, int] = field(default_factory=dict)
+    nonfinite_flags: list = field(default_factory=list)
+    """One 0-d bool tensor per compressed tensor: whether a group of it held NaN/inf (its
+    metadata is NaN). Kept on the tensor's device and summed only when reported, so
+    training never waits for a device-to-host copy."""
+
+    @property
+    def nonfinite_tensors(self) -> int:
+        if not self.nonfinite_flags:
+            return 0
+        return int(sum(int(flag.sum()) for flag in self.nonfinite_flags))
 
 
 def storage_ptr(t: torch.Tensor) -> int:
@@ -295,6 +305,8 @@ class SavedTensorPolicy:
                               formats=self.formats)
         if packed.format == "raw":
             self.stats.exact_bytes += raw
+        if packed.meta is not None:  # NaN/inf groups store NaN metadata (docs/codec.md)
+            self.stats.nonfinite_flags.append(torch.isnan(packed.meta).any())
         self.stats.packed_bytes += packed.nbytes
         self.stats.per_key_bytes[key] = self.stats.per_key_bytes.get(key, 0) + packed.nbytes
         return Saved(key, packed=packed)

@@ -384,6 +384,10 @@ def main(argv: list[str] | None = None) -> dict:
             print("[alam] memory report: " + json.dumps(rep, default=str), flush=True)
     if metrics_file:
         metrics_file.close()
+    # an orderly end of the process group: left to interpreter exit, gloo's threads were
+    # once torn down mid-flight after a DCP resume ("terminate called", SIGABRT on a rank)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
     return summary
 
 

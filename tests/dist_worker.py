@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,6 +23,7 @@ import torch  # noqa: E402
 import deepspeed  # noqa: E402
 import alam_dist.deepspeed as ads  # noqa: E402
 from tests.helpers import tiny_llama, token_batch  # noqa: E402
+from tests.multiproc import install_fault, run_scenarios  # noqa: E402
 
 
 def ds_config(sc: dict) -> dict:
@@ -74,9 +73,21 @@ def run(sc: dict, rank: int, world: int) -> dict:
     engine, *_ = ads.initialize(model=model, optimizer=opt, config=ds_config(sc))
     if sc.get("load_ckpt"):
         engine.load_checkpoint(sc["load_ckpt"])
+    if sc.get("new_path_at"):  # one rank's forward takes a path the plan was not made for
+        where = sc["new_path_at"]
+
+        def new_path(module, args, output):
+            if rank == where["rank"] and engine.alam.controller.step == where["step"]:
+                return (torch.tanh(output[0]), *output[1:]) if isinstance(output, tuple) \
+                    else torch.tanh(output)
+        engine.module.model.layers[0].register_forward_hook(new_path)
+    if sc.get("fault"):
+        install_fault(engine.module.model.layers[0], sc["fault"], rank,
+                      lambda: engine.alam._in_probe, lambda: engine.alam.controller.step)
     losses, step_times = [], []
     ga = sc.get("grad_accum", 1)
-    for step in range(sc.get("steps", 3)):
+    start_step = sc.get("start_step", 0)
+    for step in range(start_step, start_step + sc.get("steps", 3)):
         start = time.perf_counter()
         step_loss = 0.0
         for micro in range(ga):
@@ -122,18 +133,7 @@ def main() -> None:
     text = Path(args.scenarios[1:]).read_text() if args.scenarios.startswith("@") else args.scenarios
     scenarios = json.loads(text)
     deepspeed.init_distributed(dist_backend="gloo")
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for sc in scenarios:
-        try:
-            result = run(sc, rank, world)
-        except Exception as err:  # recorded for the test to assert on
-            result = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-        result.update(rank=rank, world=world, launcher=os.environ.get("ALAM_TEST_LAUNCHER", ""))
-        (out_dir / f"{sc['name']}.rank{rank}.json").write_text(json.dumps(result))
-        torch.distributed.barrier()
-
+    run_scenarios(run, Path(args.out), scenarios)
 
 if __name__ == "__main__":
     main()

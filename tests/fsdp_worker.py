@@ -27,7 +27,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E4
 import alam_dist  # noqa: E402
 import alam_dist.fsdp  # noqa: E402
 from tests.helpers import tiny_llama, token_batch  # noqa: E402
-from tests.multiproc import run_scenarios  # noqa: E402
+from tests.multiproc import install_fault, run_scenarios  # noqa: E402
 
 
 def build(sc: dict) -> torch.nn.Module:
@@ -105,6 +105,9 @@ def run(sc: dict, rank: int, world: int) -> dict:
             alam = dict(alam, load_plan_path=sc["plan_per_rank"][rank])
         ctl = alam_dist.fsdp.apply(model, alam,
                                    optimizer=None if sc.get("no_optimizer_hook") else opt)
+    if sc.get("fault"):
+        install_fault(model.model.layers[0], sc["fault"], rank,
+                      lambda: ctl.fsdp._in_probe, lambda: ctl.step)
     if sc.get("load_dcp"):
         model_sd, optim_sd = get_state_dict(model, opt)
         state = {"model": model_sd, "optim": optim_sd}

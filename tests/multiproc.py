@@ -78,6 +78,9 @@ def run_scenarios(run, out_dir: Path, scenarios: list[dict]) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     out_dir.mkdir(parents=True, exist_ok=True)
     for sc in scenarios:
+        if sc.get("fault"):  # meant to fail: let the error end the process, as in real use
+            run(sc, rank, world)
+            continue
         try:
             result = run(sc, rank, world)
         except Exception as err:  # recorded for the test to assert on
@@ -85,3 +88,62 @@ def run_scenarios(run, out_dir: Path, scenarios: list[dict]) -> None:
         result.update(rank=rank, world=world, launcher=os.environ.get("ALAM_TEST_LAUNCHER", ""))
         (out_dir / f"{sc['name']}.rank{rank}.json").write_text(json.dumps(result))
         dist.barrier()
+
+
+def launch_raw(worker: Path, scenarios: list[dict], out: Path, nproc: int = 2,
+               timeout: int = 180) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``worker`` under torchrun and return the finished process and its wall time:
+    for runs that are meant to fail (fault injection)."""
+    import time
+    spec = out / "scenarios.json"
+    out.mkdir(parents=True, exist_ok=True)
+    spec.write_text(json.dumps(scenarios))
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    port = str(free_port())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", port, str(worker), "--out", str(out), "--scenarios", f"@{spec}"]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        os.unlink(path)
+    return proc, time.monotonic() - start
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that mention ``text`` (leftover ranks)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{pid}: {cmdline}")
+    return found
+
+
+def install_fault(module, fault: dict, rank: int, in_probe, current_step) -> None:
+    """Make ``rank`` fail in ``module``'s forward: during a probe round (``at: "probe"``) or
+    in the training forward of step ``fault["step"]`` (``at: "step"``), by SIGKILL, an
+    exception, or hanging (``how``)."""
+    import signal
+    import time
+
+    def hook(mod, args):
+        if rank != fault["rank"]:
+            return
+        if fault["at"] == "probe" and not in_probe():
+            return
+        if fault["at"] == "step" and (in_probe() or current_step() != fault.get("step", 1)):
+            return
+        if fault["how"] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif fault["how"] == "raise":
+            raise RuntimeError(f"injected fault on rank {rank}")
+        elif fault["how"] == "hang":
+            time.sleep(3600)
+
+    module.register_forward_pre_hook(hook)

@@ -402,3 +402,37 @@ class _no_unmatched_warning:
     def __exit__(self, *exc):
         self._ctx.__exit__(*exc)
         assert not [w for w in self._log if "no counterpart" in str(w.message)]
+
+
+def test_memory_report_counts_tensors_with_nonfinite_values():
+    """A NaN in an activation poisons only its groups (docs/codec.md); the report says how
+    many compressed tensors held one, without a device sync per tensor."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 1))
+    ctl = alam_dist.apply(model, alam_dist.ALAMConfig(bits=2, min_numel=16))
+    x = torch.randn(32, 64)
+    model(x).sum().backward()
+    ctl.step_done()
+    assert ctl.memory_report()["nonfinite_tensors"] == 0
+    x[3, 5] = float("inf")
+    out = model(x).sum()
+    out.backward()
+    ctl.step_done()
+    report = ctl.memory_report()
+    assert report["nonfinite_tensors"] >= 1  # the first layer's output and what follows
+    assert report["nonfinite_tensors"] <= report["tensors"]
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"version": 1, "bits": {"a/0.0": 2', r"plan\.json:1: not valid JSON"),
+    ('{"version": 1}', r"missing key\(s\) \['bits'\]"),
+    ('{"version": 1, "bits": {"a/0.0": 2}, "formats": "zzz"}', "formats 'zzz'"),
+    ('{"version": 1, "bits": {"a/0.0": 3}, "formats": "rotated"}', "outside the 'rotated' ladder"),
+    ('[1, 2]', "JSON object was expected"),
+])
+def test_damaged_plan_files_name_the_file_and_the_problem(tmp_path, text, problem):
+    path = tmp_path / "plan.json"
+    path.write_text(text)
+    with pytest.raises(PlanMismatchError, match=problem) as err:
+        Controller(torch.nn.Linear(4, 4), config=ALAMConfig(load_plan_path=str(path)))
+    assert str(path) in str(err.value)

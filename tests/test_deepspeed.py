@@ -102,7 +102,14 @@ def plan_runs(tmp_path_factory):
          "save_plan": str(plan_a), "save_ckpt": str(ckpt)},
         {"name": "make_b", "zero": 3, "steps": 2, "alam": {"bits": 1, "probe_steps": [0]},
          "save_plan": str(plan_b)},
+        {"name": "make_z2", "zero": 2, "steps": 1, "alam": {"bits": 2, "probe_steps": [0]},
+         "save_plan": str(out / "plan_z2.json")},
+        {"name": "straight", "zero": 2, "steps": 4, "alam": {"bits": 2, "probe_steps": [0, 3]}},
+        {"name": "first_half", "zero": 2, "steps": 2, "alam": {"bits": 2, "probe_steps": [0, 3]},
+         "save_ckpt": str(out / "ckpt_z2")},
     ], out / "first")
+    truncated = out / "truncated.json"
+    truncated.write_text(plan_a.read_text()[:200])
     second = launch([
         {"name": "loaded", "zero": 3, "steps": 3, "alam": {"bits": 2, "load_plan_path": str(plan_a)}},
         {"name": "loaded_probing", "zero": 3, "steps": 3, "extra_probe_at": 1,
@@ -113,8 +120,25 @@ def plan_runs(tmp_path_factory):
          "plan_per_rank": [str(plan_a), str(out / "no_such_plan.json")]},
         {"name": "resumed", "zero": 3, "steps": 2, "load_ckpt": str(ckpt),
          "alam": {"bits": 2, "probe_steps": [0]}},
+        {"name": "second_half", "zero": 2, "steps": 2, "start_step": 2,
+         "load_ckpt": str(out / "ckpt_z2"), "alam": {"bits": 2, "probe_steps": [0, 3]}},
+        # plans travel: another micro-batch size and sequence length (keys are module paths)
+        {"name": "other_shape", "zero": 3, "steps": 2, "micro_batch": 3, "seq": 48,
+         "alam": {"bits": 2, "load_plan_path": str(plan_a)}},
+        # ... but not between ZeRO-3 and lower stages (ZeRO-3's linear saves other tensors)
+        {"name": "z2_plan_under_z3", "zero": 3, "steps": 1,
+         "alam": {"bits": 2, "load_plan_path": str(out / "plan_z2.json")}},
+        # a new code path on one rank after the plan was made: every rank acts alike
+        {"name": "new_path_error", "zero": 3, "steps": 3, "new_path_at": {"rank": 1, "step": 1},
+         "alam": {"bits": 2, "load_plan_path": str(plan_a)}},
+        {"name": "new_path_warn", "zero": 3, "steps": 3, "new_path_at": {"rank": 1, "step": 1},
+         "alam": {"bits": 2, "load_plan_path": str(plan_a), "on_plan_mismatch": "warn"}},
+        {"name": "truncated", "zero": 2, "steps": 1,
+         "alam": {"bits": 2, "load_plan_path": str(truncated)}},
     ], out / "second")
-    return {**first, **second}
+    one_rank = launch([{"name": "one_rank", "zero": 3, "steps": 2,
+                        "alam": {"bits": 2, "load_plan_path": str(plan_a)}}], out / "third", nproc=1)
+    return {**first, **second, **one_rank}
 
 
 def test_probing_does_not_change_training(plan_runs):
@@ -123,6 +147,42 @@ def test_probing_does_not_change_training(plan_runs):
     assert loaded[0]["plan_digest"] == probing[0]["plan_digest"]
     assert loaded[0]["losses"] == probing[0]["losses"]
     assert loaded[0]["checksum"] == probing[0]["checksum"]
+
+
+def test_exact_resume_honours_the_probe_schedule(plan_runs):
+    straight, first, second = (ok(plan_runs[n]) for n in ("straight", "first_half", "second_half"))
+    for s, f, r in zip(straight, first, second):
+        assert f["losses"] + r["losses"] == s["losses"]  # bit for bit
+        assert r["checksum"] == s["checksum"]
+        assert [h["step"] for h in s["probe_cost"]["history"]] == [0, 3]
+        # the round done before the checkpoint is not repeated; the one due after it runs
+        assert [h["step"] for h in r["probe_cost"]["history"]] == [3]
+        assert r["controller_step"] == 4 and r["plan_digest"] == s["plan_digest"]
+
+
+def test_plans_travel_across_world_sizes_and_batch_shapes(plan_runs):
+    made = ok(plan_runs["make_a"])[0]
+    for name in ("other_shape", "one_rank"):  # R = 2 -> R = 1; batch 2x32 -> 3x48
+        r = ok(plan_runs[name])[0]
+        assert r["plan_digest"] == made["plan_digest"] and r["probe_cost"]["rounds"] == 0
+        assert r["memory"]["ratio"] > 6 and all(loss == loss for loss in r["losses"])
+    assert plan_runs["one_rank"][0]["world"] == 1
+
+
+def test_a_plan_from_another_zero_stage_or_a_damaged_file_fails_on_every_rank(plan_runs):
+    for r in plan_runs["z2_plan_under_z3"]:  # documented: re-probe when changing ZeRO-3 <-> 0-2
+        assert "PlanMismatchError" in r["error"] and "not in the bit plan" in r["error"]
+    for r in plan_runs["truncated"]:
+        assert "PlanMismatchError" in r["error"] and "truncated.json:" in r["error"]
+        assert "not valid JSON" in r["error"]
+
+
+def test_a_new_code_path_on_one_rank_is_handled_alike_on_every_rank(plan_runs):
+    for r in plan_runs["new_path_error"]:  # both ranks raise, at the end of the same step
+        assert "PlanMismatchError" in r["error"] and "training step 1" in r["error"]
+        assert "not in the bit plan on rank(s) [1]" in r["error"]
+    warned = ok(plan_runs["new_path_warn"])  # 'warn': kept exact, training goes on
+    assert all(len(r["losses"]) == 3 and all(x == x for x in r["losses"]) for r in warned)
 
 
 def test_ranks_with_different_plans_fail_with_a_clear_error(plan_runs):
