@@ -62,6 +62,9 @@ class Plan:
     sensitivity: dict[str, float] = field(default_factory=dict)
     formats: str = "seed"
     """The codec family the bits name (alam.formats); plans older than it are "seed"."""
+    exact_keys: list[str] = field(default_factory=list)
+    """Float tensors the probe saw under ``min_numel`` (kept exact): at a larger batch or
+    sequence they may cross it, and are then kept exact instead of being a mismatch."""
 
     def average_bits(self) -> float:
         """Stored bits per element over the planned tensors, metadata included."""
@@ -90,7 +93,7 @@ class Plan:
         return {"version": PLAN_VERSION, "fingerprint": self.fingerprint, "budget": self.budget,
                 "average_bits": self.average_bits(), "bits": self.bits, "numel": self.numel,
                 "raw_bits": self.raw_bits, "sensitivity": self.sensitivity,
-                "formats": self.formats}
+                "formats": self.formats, "exact_keys": list(self.exact_keys)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
@@ -120,6 +123,7 @@ class Plan:
                    formats=formats,
                    numel={k: int(v) for k, v in d.get("numel", {}).items()},
                    raw_bits={k: int(v) for k, v in d.get("raw_bits", {}).items()},
+                   exact_keys=[str(k) for k in d.get("exact_keys", [])],
                    fingerprint=d.get("fingerprint", ""), budget=d.get("budget"),
                    sensitivity={k: float(v) for k, v in d.get("sensitivity", {}).items()})
 

@@ -36,7 +36,8 @@ import torch
 
 from alam_dist.allocation import Plan, PlanMismatchError, allocate
 from alam_dist.config import ALAMConfig
-from alam_dist.policy import SavedTensorPolicy, StepStats, key_seed, model_fingerprint
+from alam_dist.policy import (SavedTensorPolicy, StepStats, TensorInfo, key_seed,
+                              model_fingerprint)
 from alam_dist.blocks import BlockStack, derive, find_blocks
 from alam_dist.watchdog import ProbeWatchdog
 from alam_dist.sensitivity import (BlockRestarts, ProbeJob, ProbeResult, ProbeRound,
@@ -123,6 +124,7 @@ class Controller:
         """Steps whose scheduled probe round ran (saved with the plan: a resumed run
         does not repeat them)."""
         self.plan: Plan | None = None
+        self._plan_exact: frozenset[str] = frozenset()
         self.probe_cost = ProbeCost()
         self._last_stats = None
         self._last_probe: tuple | None = None
@@ -171,6 +173,8 @@ class Controller:
         if self.plan is None:
             return self._default_bits
         bits = self.plan.bits.get(key)
+        if bits is None and key in self._plan_exact:
+            return 32  # under min_numel when the plan was made; kept exact, as it was then
         if bits is None:
             msg = (f"saved tensor {key!r} ({tuple(t.shape)}, {t.dtype}) is not in the bit plan "
                    f"({len(self.plan.bits)} keys): the model's forward changed since the plan "
@@ -220,6 +224,7 @@ class Controller:
             error = err
         self.collective.check_plan(plan, error)
         self.plan = plan
+        self._plan_exact = frozenset(plan.exact_keys)
 
     # -- probing --------------------------------------------------------------------------
     def probe_due(self) -> bool:
@@ -287,6 +292,7 @@ class Controller:
                                                             if grad_params is not None]):
             self.policy.stats = type(stats_before)()
             self.policy.seen.clear()
+            self.policy.seen_small.clear()
             self.policy.size_share = batch_share
             if stack is not None:
                 if len(probed_blocks) < stack.count:  # others are interpolated: no exact copy
@@ -300,6 +306,8 @@ class Controller:
                 # Jobs come from the merged inventory so that job indices agree on all ranks.
                 watchdog.beat("gathering the saved-tensor inventory from every rank")
                 seen = self.collective.gather_inventory(dict(self.policy.seen))
+                small = self.collective.gather_inventory(
+                    {k: TensorInfo(0, 0, "") for k in self.policy.seen_small})
                 if restarts is not None:
                     watchdog.beat("the restart backward")
                     restarts.compute_grads(loss)  # one exact backward (every rank)
@@ -347,7 +355,7 @@ class Controller:
             raise PlanMismatchError(f"ranks saved different tensors in the probe forward "
                                     f"(e.g. {missing[:3]}): the model's forward must take the "
                                     "same path on every rank")
-        self._last_probe = (sens, seen, ratios)
+        self._last_probe = (sens, seen, ratios, sorted(set(small) - set(seen)))
         watchdog.beat("checking the new plan across ranks")
         plan = self.reallocate(self.config.bits)
         elapsed = time.perf_counter() - start
@@ -402,12 +410,13 @@ class Controller:
         without probing again."""
         if self._last_probe is None:
             raise RuntimeError("reallocate() needs a probe round first (controller.probe)")
-        sens, seen, error_ratio = self._last_probe
+        sens, seen, error_ratio, small = self._last_probe
         plan = allocate(sens, {k: v.numel for k, v in seen.items()},
                         {k: v.raw_bits for k, v in seen.items()}, budget,
                         self.config.ladder, self._fingerprint, error_ratio=error_ratio,
                         floors={k: self.config.floor_for(k, v.module_type, v.op) for k, v in seen.items()},
                         formats=self.config.formats)
+        plan.exact_keys = small
         self.set_plan(plan)
         return plan
 

@@ -126,6 +126,7 @@ class SavedTensorPolicy:
         self.record_exact: Callable[[str], bool] | None = None
         self.weight_detectors: list[WeightDetector] = []
         self.seen: dict[str, TensorInfo] = {}
+        self.seen_small: set[str] = set()  # float tensors kept exact for being under min_numel
         self.stats = StepStats()
         self._handles: list = []
         self._names: dict[int, str] = {}
@@ -269,6 +270,8 @@ class SavedTensorPolicy:
             self.stats.raw_bytes += nbytes
             self.stats.packed_bytes += nbytes
             self.stats.exact_bytes += nbytes
+            if t.dtype in _FLOATS:  # a plan remembers it: larger batches may cross min_numel
+                self.seen_small.add(key)
             return t
         # Ops often save a fresh *view* of a shared input (F.linear reshapes 3-D inputs), so
         # identity is checked on the view's base, which stays alive while its users run;

@@ -256,7 +256,7 @@ def real_model_rows(args) -> list[dict]:
         return ctl, time.perf_counter() - t
 
     full, full_s = round_("full")
-    sens, _, ratio = full._last_probe
+    sens, _, ratio, _ = full._last_probe
 
     def objective(plan):
         return sum(sens[k] * variance_weight(b, ratio.get(k)) for k, b in plan.bits.items())

@@ -436,3 +436,21 @@ def test_damaged_plan_files_name_the_file_and_the_problem(tmp_path, text, proble
     with pytest.raises(PlanMismatchError, match=problem) as err:
         Controller(torch.nn.Linear(4, 4), config=ALAMConfig(load_plan_path=str(path)))
     assert str(path) in str(err.value)
+
+
+def test_a_plan_holds_when_longer_sequences_push_small_tensors_over_min_numel():
+    """RMSNorm's rstd is (batch, seq, 1): kept exact as small when the plan was made on short
+    sequences, it crosses min_numel on longer ones. The plan remembers such keys (exact),
+    so that is not a mismatch -- found by benchmarks/compare.py probing at 64 tokens and
+    training at 1024."""
+    model = tiny_llama(layers=2)
+    ctl = alam_dist.apply(model, ALAMConfig(bits=2, min_numel=256, probe_steps=[]))
+    short = token_batch(2, 16)
+    ctl.probe(lambda: model(input_ids=short, labels=short).loss)
+    assert any(k.endswith("input_layernorm/0.1") for k in ctl.plan.exact_keys)
+    assert Plan.from_dict(ctl.plan.to_dict()).exact_keys == ctl.plan.exact_keys
+    long = token_batch(2, 256)  # rstd: 2 x 256 = 512 elements >= min_numel
+    model(input_ids=long, labels=long).loss.backward()
+    ctl.step_done()
+    report = ctl.memory_report()
+    assert report["ratio"] > 4

@@ -29,16 +29,19 @@ def assert_stopped(proc, seconds, tmp_path, limit_s: float):
     assert multiproc.processes_mentioning(str(tmp_path)) == []  # no rank left running
 
 
-@pytest.mark.parametrize("worker", [DS_WORKER, FSDP_WORKER], ids=["zero2", "fsdp2"])
-def test_a_rank_hanging_in_a_probe_round_stops_the_job_with_a_named_error(tmp_path, worker):
+@pytest.mark.parametrize("worker, zero", [(DS_WORKER, 2), (DS_WORKER, 3), (FSDP_WORKER, None)],
+                         ids=["zero2", "zero3", "fsdp2"])
+def test_a_rank_hanging_in_a_probe_round_stops_the_job_with_a_named_error(tmp_path, worker, zero):
     if worker is DS_WORKER:
         pytest.importorskip("deepspeed")
+    # ZeRO-3 defers the step-0 round to step 1 (docs/deepspeed.md)
     proc, seconds, log = run_fault(tmp_path, worker, {"rank": 1, "at": "probe", "how": "hang"},
-                                   zero=2)
+                                   zero=zero)
     assert_stopped(proc, seconds, tmp_path, 120)
     # a watchdog (on the stuck rank, or on the one waiting for it: whichever stalls
     # first) names the round, the rank and the phase
-    assert "the ALAM probe round at step 0 on rank" in log and "made no progress" in log
+    assert f"the ALAM probe round at step {1 if zero == 3 else 0} on rank" in log
+    assert "made no progress" in log
     assert "(in: recording the probe forward)" in log or "(in: gathering" in log
     assert "probe_timeout_s" in log
 

@@ -38,8 +38,8 @@ def test_restarting_at_block_outputs_gives_the_full_statistic():
     backward passes start, so the sensitivities must be the same numbers."""
     full, _ = _probe(3, bits=1, probe="full")
     cheap, _ = _probe(3, bits=1, probe="cheap", probe_blocks=3)
-    s_full, _, r_full = full._last_probe
-    s_cheap, _, r_cheap = cheap._last_probe
+    s_full, _, r_full, _ = full._last_probe
+    s_cheap, _, r_cheap, _ = cheap._last_probe
     assert s_full.keys() == s_cheap.keys()
     for key, value in s_full.items():
         assert s_cheap[key] == pytest.approx(value, rel=1e-6, abs=1e-30), key

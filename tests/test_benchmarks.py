@@ -1,0 +1,53 @@
+"""Smoke-sized runs of the comparison benchmarks, so that the scripts cannot rot (the full
+runs are benchmarks, docs/results.md)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def test_compare_and_memory_model_smoke(tmp_path):
+    out = tmp_path / "compare.json"
+    proc = subprocess.run([sys.executable, "benchmarks/compare.py", "--smoke", "--rows", "none",
+                           "ckpt", "ds_ckpt", "save_on_cpu", "alam_1", "alam_1+ckpt",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["row"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"none", "ckpt", "ds_ckpt", "save_on_cpu", "alam_1", "alam_1+ckpt"}
+    ran = {k: r for k, r in rows.items() if "skipped" not in r}
+    assert {"none", "ckpt", "alam_1", "alam_1+ckpt", "save_on_cpu"} <= set(ran)
+    none = ran["none"]
+    # checkpointing and ALAM keep less for backward; save_on_cpu on a CPU keeps the same
+    assert ran["ckpt"]["saved_MB"] < none["saved_MB"] / 2
+    assert ran["alam_1"]["saved_MB"] < none["saved_MB"] / 4
+    assert ran["alam_1+ckpt"]["saved_MB"] < ran["ckpt"]["saved_MB"]
+    assert ran["save_on_cpu"]["saved_MB"] == none["saved_MB"]
+    assert ran["ckpt"]["grad_cosine"] > 0.9999  # recomputation is exact
+    assert 0 < ran["alam_1"]["grad_cosine"] <= 1
+    assert ran["alam_1"]["probe_step_equivalents"] > 0
+    assert all(len(r["losses"]) == 2 for r in ran.values())
+
+    model = subprocess.run([sys.executable, "benchmarks/memory_model.py", str(out), "--check",
+                            str(out), "--seqs", "2048", "--batches", "1", "2"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert model.returncode == 0, model.stderr[-3000:]
+    result = json.loads(model.stdout.strip().splitlines()[-1])
+    by_row = {r["row"]: r for r in result["results"]}
+    # linear in batch, and ALAM's rows need less than no saving
+    assert by_row["none"]["GB_s2048_b2"] > by_row["none"]["GB_s2048_b1"] > 0
+    assert by_row["alam_1"]["GB_s2048_b1"] < by_row["none"]["GB_s2048_b1"]
+    assert by_row["alam_1"]["max_b_s2048_80GB"] >= by_row["none"]["max_b_s2048_80GB"]
+    assert all(abs(c["error"]) < 1e-9 for c in result["check"])  # a file checks against itself
+
+    tables = subprocess.run([sys.executable, "benchmarks/plot_results.py", str(out), "--markdown-only"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert tables.returncode == 0, tables.stderr[-3000:]
+    assert "| alam_1 |" in tables.stdout and "| none |" in tables.stdout
