@@ -112,8 +112,7 @@ ALAM_HD uint16_t alam_rotated_step(float absmax, float abs_sum, bool finite, int
   uint32_t step;
   if (bits == 1) {
     const float mean = abs_sum * (1.0f / (float)ALAM_GROUP);
-    const uint32_t u = alam_float_bits(mean + mean);
-    step = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    step = alam_float_to_bf16_nearest(mean + mean);
   } else {
     const uint32_t u = alam_float_bits((absmax + absmax) / (float)((1 << bits) - 1));
     step = (u & 0xFFFFu) ? (u >> 16) + 1u : (u >> 16);
