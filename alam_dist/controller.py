@@ -124,7 +124,6 @@ class Controller:
         """Steps whose scheduled probe round ran (saved with the plan: a resumed run
         does not repeat them)."""
         self.plan: Plan | None = None
-        self._plan_exact: frozenset[str] = frozenset()
         self.probe_cost = ProbeCost()
         self._last_stats = None
         self._last_probe: tuple | None = None
@@ -135,6 +134,8 @@ class Controller:
         self._step_mismatches: dict[str, str] = {}
         self._step_times: collections.deque[float] = collections.deque(maxlen=50)
         self._step_seconds: float | None = None
+        self._step_start: float | None = None  # forward_started() / end_step()
+        self._rounds_seen = 0  # probe rounds counted when the last step ended
         if self.config.load_plan_path:
             self.load_plan(self.config.load_plan_path)
 
@@ -173,7 +174,7 @@ class Controller:
         if self.plan is None:
             return self._default_bits
         bits = self.plan.bits.get(key)
-        if bits is None and key in self._plan_exact:
+        if bits is None and key in self.plan.exact_keys:
             return 32  # under min_numel when the plan was made; kept exact, as it was then
         if bits is None:
             msg = (f"saved tensor {key!r} ({tuple(t.shape)}, {t.dtype}) is not in the bit plan "
@@ -224,7 +225,6 @@ class Controller:
             error = err
         self.collective.check_plan(plan, error)
         self.plan = plan
-        self._plan_exact = frozenset(plan.exact_keys)
 
     # -- probing --------------------------------------------------------------------------
     def probe_due(self) -> bool:
@@ -288,8 +288,7 @@ class Controller:
         probed_blocks = stack.choose(self.config.probe_blocks) if stack else []
         stats_before = self.policy.stats
         restarts = None
-        with preserved_training_state(self.model, params + [p for p in stat_params
-                                                            if grad_params is not None]):
+        with preserved_training_state(self.model, params + list(grad_params or [])):
             self.policy.stats = type(stats_before)()
             self.policy.seen.clear()
             self.policy.seen_small.clear()
@@ -517,6 +516,27 @@ class Controller:
         cost["step_equivalents"] = (cost["seconds"] / self._step_seconds
                                     if self._step_seconds else None)
         return cost
+
+    def forward_started(self) -> None:
+        """Integrations call it at each training forward: the first of a step starts the
+        clock :meth:`end_step` reads."""
+        if self._step_start is None:
+            self._step_start = time.perf_counter()
+
+    def end_step(self) -> None:
+        """:meth:`step_done` for integrations: a step in which no probe round ran is timed
+        (from :meth:`forward_started`), so that probe cost reads in step-equivalents."""
+        if self._step_start is not None and self.probe_cost.rounds == self._rounds_seen:
+            self.note_step_seconds(time.perf_counter() - self._step_start)
+        self._step_start, self._rounds_seen = None, self.probe_cost.rounds
+        self.step_done()
+
+    def probe_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, tuple[int, int]]:
+        """The part of a training forward's inputs a probe round runs on, and its
+        ``batch_share``: cheap rounds take ``probe_batch_fraction`` of the samples
+        (:func:`slice_inputs`), full rounds all of them."""
+        fraction = self.config.probe_batch_fraction if self.config.probe == "cheap" else 1.0
+        return slice_inputs(args, kwargs, fraction)
 
     def note_step_seconds(self, seconds: float) -> None:
         """Tell the controller how long a (non-probe) training step took; the median of

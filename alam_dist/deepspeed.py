@@ -24,7 +24,6 @@ import glob
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ import torch
 
 from alam_dist.collectives import DistributedCollective
 from alam_dist.config import ALAMConfig
-from alam_dist.controller import Controller, loss_of, slice_inputs
+from alam_dist.controller import Controller, loss_of
 from alam_dist.allocation import Plan
 
 try:
@@ -76,8 +75,6 @@ class DeepSpeedALAM:
         self.controller.install_hook()
         self._in_probe = False
         self._pending = False
-        self._step_start: float | None = None
-        self._rounds_seen = 0
         self._wrap()
 
     def _wrap(self) -> None:
@@ -88,8 +85,7 @@ class DeepSpeedALAM:
         zero3 = engine.zero_optimization_stage() == 3
 
         def alam_forward(*args, **kwargs):
-            if self._step_start is None:
-                self._step_start = time.perf_counter()
+            ctl.forward_started()
             if not self._in_probe:
                 if ctl.take_due_probe():
                     self._pending = True
@@ -103,8 +99,7 @@ class DeepSpeedALAM:
                     # engine.backward; at stage 3 an extra engine forward + grad changes
                     # later steps); ZeRO-3's parameter gathering lives on the modules.
                     # cheap rounds probe a slice of the micro-batch (alam.probe_batch_fraction)
-                    fraction = ctl.config.probe_batch_fraction if ctl.config.probe == "cheap" else 1.0
-                    pargs, pkwargs, share = slice_inputs(args, kwargs, fraction)
+                    pargs, pkwargs, share = ctl.probe_inputs(args, kwargs)
                     self.probe(lambda: loss_of(module(*pargs, **pkwargs)), batch_share=share)
             return forward(*args, **kwargs)
 
@@ -112,12 +107,7 @@ class DeepSpeedALAM:
             boundary = engine.is_gradient_accumulation_boundary()
             out = step(*args, **kwargs)
             if boundary:
-                # steps without a probe round time the training step itself: probe cost
-                # is reported in step-equivalents (memory_report()["probe_cost"])
-                if self._step_start is not None and ctl.probe_cost.rounds == self._rounds_seen:
-                    ctl.note_step_seconds(time.perf_counter() - self._step_start)
-                self._step_start, self._rounds_seen = None, ctl.probe_cost.rounds
-                ctl.step_done()
+                ctl.end_step()
             return out
 
         def alam_save_checkpoint(save_dir, tag=None, client_state=None, *args, **kwargs):

@@ -34,7 +34,6 @@ forward serves all passes (FSDP2 re-gathers into the retained graph's tensors).
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -42,7 +41,7 @@ import torch.distributed as dist
 
 from alam_dist.collectives import DistributedCollective
 from alam_dist.config import ALAMConfig
-from alam_dist.controller import Controller, loss_of, slice_inputs
+from alam_dist.controller import Controller, loss_of
 
 try:
     from torch.distributed.fsdp import FSDPModule
@@ -127,8 +126,6 @@ class FSDPALAM:
         self.controller = Controller(model, config=config, collective=collective)
         self.controller.fsdp = self
         self._in_probe = False
-        self._step_start: float | None = None
-        self._rounds_seen = 0
         self._handles: list = []
         if config.enabled:
             self.controller.install_hook()
@@ -145,12 +142,10 @@ class FSDPALAM:
     def _pre_forward(self, module, args: tuple, kwargs: dict) -> None:
         if self._in_probe or not (module.training and torch.is_grad_enabled()):
             return
-        if self._step_start is None:
-            self._step_start = time.perf_counter()
         ctl = self.controller
+        ctl.forward_started()
         if ctl.take_due_probe():
-            fraction = ctl.config.probe_batch_fraction if ctl.config.probe == "cheap" else 1.0
-            pargs, pkwargs, share = slice_inputs(args, kwargs, fraction)
+            pargs, pkwargs, share = ctl.probe_inputs(args, kwargs)
             self.probe(lambda: loss_of(module(*pargs, **pkwargs)), batch_share=share)
 
     def _close_at_backward_end(self, module, args, output) -> None:
@@ -164,7 +159,7 @@ class FSDPALAM:
 
         def on_first_grad(_grads):
             if not self._in_probe:
-                engine.queue_callback(self._step_done)
+                engine.queue_callback(self.controller.end_step)
 
         torch.autograd.graph.register_multi_grad_hook(tensors, on_first_grad, mode="any")
 
@@ -172,14 +167,7 @@ class FSDPALAM:
         # A step with no forward since the last one is not a training step: DCP's
         # get_state_dict steps a fresh optimizer with zero gradients to create its state.
         if self.controller.policy.stats.forwards > 0:
-            self._step_done()
-
-    def _step_done(self) -> None:
-        ctl = self.controller
-        if self._step_start is not None and ctl.probe_cost.rounds == self._rounds_seen:
-            ctl.note_step_seconds(time.perf_counter() - self._step_start)
-        self._step_start, self._rounds_seen = None, ctl.probe_cost.rounds
-        ctl.step_done()
+            self.controller.end_step()
 
     # -- probing ----------------------------------------------------------------------------
     def probe(self, closure, batch_share: tuple[int, int] = (1, 1)):

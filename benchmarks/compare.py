@@ -107,7 +107,6 @@ def build(args):
 
 
 def batches(args, vocab: int, device, seq: int | None = None):
-    import torch
     from tests.helpers import token_batch
     seq = seq or args.seq
     return [token_batch(args.batch, seq, vocab, seed=step).to(device) for step in range(args.steps)]

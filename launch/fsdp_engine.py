@@ -45,30 +45,31 @@ def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(stack.modules)
 
 
+def shard(model: torch.nn.Module, ds_config: dict) -> torch.nn.Module:
+    """``fully_shard`` each decoder block, then the root; bf16 mixed precision (fp32
+    reduction) when the config enables bf16. Make the optimizer after this: it must hold
+    the sharded parameters."""
+    bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if bf16 else MixedPrecisionPolicy())
+    for block in decoder_blocks(model):
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
 class FSDPEngine:
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+    """The loop's engine calls over a model already passed through :func:`shard`."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  ds_config: dict, alam_config: ALAMConfig | None):
-        bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
-        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if bf16 else MixedPrecisionPolicy())
-        for block in decoder_blocks(model):
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-        self.module = model
+        self.module, self.optimizer = model, optimizer
         self._micro_batch = int(ds_config.get("train_micro_batch_size_per_gpu", 1))
         self._accum = int(ds_config.get("gradient_accumulation_steps", 1))
         self._clip = float(ds_config.get("gradient_clipping", 0.0) or 0.0)
         self._micro = 0
-        self._alam_config = alam_config if alam_config is not None and alam_config.enabled else None
-        if optimizer is not None:
-            self.set_optimizer(optimizer)
-
-    def set_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """The optimizer over the sharded parameters (made after fully_shard); ALAM's steps
-        end when it steps."""
-        self.optimizer = optimizer
-        if self._alam_config is not None:
-            self.alam = alam_dist.fsdp.apply(self.module, self._alam_config, optimizer=optimizer).fsdp
+        if alam_config is not None and alam_config.enabled:  # ALAM's steps end with the optimizer's
+            self.alam = alam_dist.fsdp.apply(model, alam_config, optimizer=optimizer).fsdp
 
     def train_micro_batch_size_per_gpu(self) -> int:
         return self._micro_batch

@@ -283,13 +283,11 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_model(args, tok, ds_config)
     optimizer = None
     if args.fsdp:
-        from launch.fsdp_engine import FSDPEngine
-        model.to(device)
-        # fully_shard first: the optimizer must hold the sharded parameters
-        engine = FSDPEngine(model, None, ds_config, alam_config)
+        from launch.fsdp_engine import FSDPEngine, shard
+        shard(model.to(device), ds_config)  # first: the optimizer must hold the shards
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                       lr=args.lr, weight_decay=0.0)
-        engine.set_optimizer(optimizer)
+        engine = FSDPEngine(model, optimizer, ds_config, alam_config)
         scheduler = None
     else:
         import alam_dist.deepspeed as ads

@@ -92,6 +92,16 @@ def apply_errors() -> dict:
     return out
 
 
+def dcp_state(model, opt, ctl) -> dict:
+    """What a DCP checkpoint holds: model, optimizer and (with ALAM) the controller, a
+    Stateful carrying the plan (the layout docs/fsdp.md shows users)."""
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    if ctl is not None:
+        state["alam"] = ctl
+    return state
+
+
 def run(sc: dict, rank: int, world: int) -> dict:
     if sc.get("kind") == "apply_errors":
         return apply_errors()
@@ -109,10 +119,7 @@ def run(sc: dict, rank: int, world: int) -> dict:
         install_fault(model.model.layers[0], sc["fault"], rank,
                       lambda: ctl.fsdp._in_probe, lambda: ctl.step)
     if sc.get("load_dcp"):
-        model_sd, optim_sd = get_state_dict(model, opt)
-        state = {"model": model_sd, "optim": optim_sd}
-        if ctl is not None:
-            state["alam"] = ctl
+        state = dcp_state(model, opt, ctl)
         dcp.load(state, checkpoint_id=sc["load_dcp"])
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     losses, step_seconds = [], []
@@ -153,11 +160,7 @@ def run(sc: dict, rank: int, world: int) -> dict:
         if sc.get("save_plan") and rank == 0 and ctl.plan:
             ctl.plan.save(sc["save_plan"])
     if sc.get("save_dcp"):
-        model_sd, optim_sd = get_state_dict(model, opt)
-        state = {"model": model_sd, "optim": optim_sd}
-        if ctl is not None:
-            state["alam"] = ctl
-        dcp.save(state, checkpoint_id=sc["save_dcp"])
+        dcp.save(dcp_state(model, opt, ctl), checkpoint_id=sc["save_dcp"])
     return out
 
 
