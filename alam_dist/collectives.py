@@ -36,6 +36,9 @@ class DistributedCollective(Collective):
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
+    def gather(self, obj) -> list:
+        return self._all_gather(obj)
+
     def my_jobs(self, jobs: list[ProbeJob]) -> list[ProbeJob]:
         return [j for j in jobs if j.index % self.world_size == self.rank]
 

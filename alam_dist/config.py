@@ -57,17 +57,20 @@ class ALAMConfig:
     log-probabilities at 8 bits: judged by size, they were sent to 1 bit and masked-LM
     fine-tuning of MiniLM stalled (docs/controller.md). ``{}`` gives the plain ALAM
     allocation."""
-    probe: str = "cheap"
-    """Probe round: "cheap" (default: a few representative transformer blocks, backward
-    restarted at the probed block, a slice of the micro-batch; docs/controller.md) or
-    "full" (every saved tensor, full backward passes, whole micro-batch: the reference)."""
+    probe: str = "local"
+    """Probe round: "local" (default: one transformer block at a time, each tensor's passes
+    through its own block and the one below, the rest of the stack estimated from one
+    calibration per block; memory of one block; docs/controller.md), "cheap" (every
+    block's passes restarted at its output, the statistic of the full round on a slice of
+    the micro-batch) or "full" (every saved tensor, full backward passes, whole
+    micro-batch: the reference). Models without a block stack use "cheap"."""
     probe_blocks: int | None = None
     """Cheap rounds: None (default) probes every block, the same statistic as the full
     round; N probes N evenly spaced blocks (first and last included) and interpolates the
     others per role -- several times cheaper, but on a real model (MiniLM) its plans lose
     quality (docs/controller.md), so it is opt-in."""
     probe_batch_fraction: float = 0.25
-    """Cheap rounds: share of the micro-batch's samples the probe forward uses (at least
+    """Local and cheap rounds: share of the micro-batch's samples the probe forward uses (at least
     one; a one-sample micro-batch is used whole), through the integrations."""
     probe_granularity: str = "row"
     """GradNormVar's norm vector: "row" (per output row, default) or "param" (reference)."""
@@ -133,8 +136,11 @@ class ALAMConfig:
                 isinstance(k, str) and v in allowed for k, v in self.min_bits.items()):
             raise ValueError(f"alam.min_bits maps key patterns to formats in {allowed}, "
                              f"got {self.min_bits!r}")
-        if self.probe not in ("cheap", "full"):
-            raise ValueError(f"alam.probe must be 'cheap' or 'full', got {self.probe!r}")
+        if self.probe not in ("local", "cheap", "full"):
+            raise ValueError(f"alam.probe must be 'local', 'cheap' or 'full', got {self.probe!r}")
+        if self.probe_blocks is not None and self.probe != "cheap":
+            raise ValueError(f"alam.probe_blocks applies to probe='cheap' rounds only (probe is "
+                             f"{self.probe!r}): set alam.probe to 'cheap' or drop probe_blocks")
         if self.probe_blocks is not None and (isinstance(self.probe_blocks, bool) or not isinstance(
                 self.probe_blocks, int) or self.probe_blocks < 1):
             raise ValueError(f"alam.probe_blocks must be a positive integer or null (every "

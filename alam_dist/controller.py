@@ -40,6 +40,7 @@ from alam_dist.policy import (SavedTensorPolicy, StepStats, TensorInfo, key_seed
                               model_fingerprint)
 from alam_dist.blocks import BlockStack, derive, find_blocks
 from alam_dist.watchdog import ProbeWatchdog
+from alam_dist.local_probe import LocalOutcome, LocalRound, NotLocal
 from alam_dist.sensitivity import (BlockRestarts, ProbeJob, ProbeResult, ProbeRound,
                                    preserved_training_state, record_forward)
 
@@ -71,6 +72,10 @@ class Collective:
     def gather_mismatches(self, mismatches: dict[str, str]) -> list[dict[str, str]]:
         """Every rank's saved tensors of this step that were not in the plan."""
         return [mismatches]
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        return [obj]
 
     def check_plan(self, plan: Plan | None, error: Exception | None = None) -> None:
         """Raise if ranks hold different plans, or if any rank failed to get one
@@ -131,6 +136,7 @@ class Controller:
         self._blocks = find_blocks(model)
         self._default_bits = _uniform_bits(self.config.bits, self.config.ladder)
         self._mismatch_warned: set[str] = set()
+        self._warned_not_local = False
         self._step_mismatches: dict[str, str] = {}
         self._step_times: collections.deque[float] = collections.deque(maxlen=50)
         self._step_seconds: float | None = None
@@ -284,70 +290,86 @@ class Controller:
         params = [p for p in self.model.parameters() if p.requires_grad]
         stat_params = params if grad_params is None else list(grad_params)
         seed = key_seed(self.config.seed, self.step, "probe")
-        stack = self._blocks if self.config.probe == "cheap" else None
+        mode = self.config.probe
+        if mode == "local" and self._blocks is None:
+            mode = "cheap"  # no transformer block stack: restarts cannot apply either
+        local_outcome = None
+        if mode == "local":
+            local_outcome = self._local_round(closure, watchdog, forward_per_pass,
+                                              collective_passes, batch_share, params,
+                                              stat_params, seed)
+            if local_outcome is None:
+                mode = "cheap"
+        stack = self._blocks if mode == "cheap" else None
         probed_blocks = stack.choose(self.config.probe_blocks) if stack else []
         stats_before = self.policy.stats
         restarts = None
-        with preserved_training_state(self.model, params + list(grad_params or [])):
-            self.policy.stats = type(stats_before)()
-            self.policy.seen.clear()
-            self.policy.seen_small.clear()
-            self.policy.size_share = batch_share
-            if stack is not None:
-                if len(probed_blocks) < stack.count:  # others are interpolated: no exact copy
-                    keep = set(probed_blocks)
-                    self.policy.record_exact = lambda key: stack.block_of(key) in keep \
-                        or stack.block_of(key) is None
-                restarts = BlockRestarts({b: stack.modules[b] for b in probed_blocks})
-            try:
-                watchdog.beat("recording the probe forward")
-                loss = record_forward(self.policy, closure)
-                # Jobs come from the merged inventory so that job indices agree on all ranks.
-                watchdog.beat("gathering the saved-tensor inventory from every rank")
-                seen = self.collective.gather_inventory(dict(self.policy.seen))
-                small = self.collective.gather_inventory(
-                    {k: TensorInfo(0, 0, "") for k in self.policy.seen_small})
-                if restarts is not None:
-                    watchdog.beat("the restart backward")
-                    restarts.compute_grads(loss)  # one exact backward (every rank)
-                refresh = (lambda: record_forward(self.policy, closure)) if forward_per_pass else None
-                if refresh is not None:
-                    # the first forward only served the inventory, ratios and restarts
-                    loss = loss.detach()
-                groups = self._job_groups(list(seen), stack, probed_blocks)
-                probe_round = ProbeRound(self.policy, loss, stat_params, seed, self.config.ladder,
-                                         self.config.probe_granularity,
-                                         keys=[j.key for g in groups for j in g],
-                                         forward=refresh, restarts=restarts)
-                fixed_seconds = time.perf_counter() - start
-                local, padding, mine_count, group_cost = [], 0, 0, []
-                for group in groups:
-                    group_start = time.perf_counter()
-                    mine = [j for j in self.collective.my_jobs(group) if probe_round.has_exact(j.key)]
-                    mine_count += len(mine)
-                    for job in mine:
-                        watchdog.beat(f"probe job {job.key!r} (job {job.index})")
-                        local.append(probe_round.run(job))
-                    if collective_passes:
-                        for _ in range(self.collective.jobs_per_rank(len(group)) - len(mine)):
-                            watchdog.beat("a padding pass (lockstep with ranks with more jobs)")
-                            padding += probe_round.run_padding(group[0].start)
-                    group_cost.append({"start": group[0].start, "jobs": len(group),
-                                       "jobs_this_rank": len(mine),
-                                       "seconds": time.perf_counter() - group_start})
-                del loss, probe_round
-            finally:
-                self.policy.record_exact = None
-                self.policy.size_share = (1, 1)
-                self.policy.release_recorded()
-                if restarts is not None:
-                    restarts.remove()
+        fixed_seconds = 0.0
+        if local_outcome is not None:
+            out = local_outcome
+            local, seen, small, groups = out.results, out.seen, out.small, out.groups
+            padding, mine_count, group_cost = out.padding_passes, out.jobs_this_rank, out.group_cost
+        else:
+            with preserved_training_state(self.model, params + list(grad_params or [])):
+                self.policy.stats = type(stats_before)()
+                self.policy.seen.clear()
+                self.policy.seen_small.clear()
+                self.policy.size_share = batch_share
+                if stack is not None:
+                    if len(probed_blocks) < stack.count:  # others are interpolated: no exact copy
+                        keep = set(probed_blocks)
+                        self.policy.record_exact = lambda key: stack.block_of(key) in keep \
+                            or stack.block_of(key) is None
+                    restarts = BlockRestarts({b: stack.modules[b] for b in probed_blocks})
+                try:
+                    watchdog.beat("recording the probe forward")
+                    loss = record_forward(self.policy, closure)
+                    # Jobs come from the merged inventory so that job indices agree on all ranks.
+                    watchdog.beat("gathering the saved-tensor inventory from every rank")
+                    seen = self.collective.gather_inventory(dict(self.policy.seen))
+                    small = self.collective.gather_inventory(
+                        {k: TensorInfo(0, 0, "") for k in self.policy.seen_small})
+                    if restarts is not None:
+                        watchdog.beat("the restart backward")
+                        restarts.compute_grads(loss)  # one exact backward (every rank)
+                    refresh = (lambda: record_forward(self.policy, closure)) if forward_per_pass else None
+                    if refresh is not None:
+                        # the first forward only served the inventory, ratios and restarts
+                        loss = loss.detach()
+                    groups = self._job_groups(list(seen), stack, probed_blocks)
+                    probe_round = ProbeRound(self.policy, loss, stat_params, seed, self.config.ladder,
+                                             self.config.probe_granularity,
+                                             keys=[j.key for g in groups for j in g],
+                                             forward=refresh, restarts=restarts)
+                    fixed_seconds = time.perf_counter() - start
+                    local, padding, mine_count, group_cost = [], 0, 0, []
+                    for group in groups:
+                        group_start = time.perf_counter()
+                        mine = [j for j in self.collective.my_jobs(group) if probe_round.has_exact(j.key)]
+                        mine_count += len(mine)
+                        for job in mine:
+                            watchdog.beat(f"probe job {job.key!r} (job {job.index})")
+                            local.append(probe_round.run(job))
+                        if collective_passes:
+                            for _ in range(self.collective.jobs_per_rank(len(group)) - len(mine)):
+                                watchdog.beat("a padding pass (lockstep with ranks with more jobs)")
+                                padding += probe_round.run_padding(group[0].start)
+                        group_cost.append({"start": group[0].start, "jobs": len(group),
+                                           "jobs_this_rank": len(mine),
+                                           "seconds": time.perf_counter() - group_start})
+                    del loss, probe_round
+                finally:
+                    self.policy.record_exact = None
+                    self.policy.size_share = (1, 1)
+                    self.policy.release_recorded()
+                    if restarts is not None:
+                        restarts.remove()
         self.policy.stats = stats_before
         watchdog.beat("gathering probe results from every rank")
         results = self.collective.gather_results(local)
         sens = {r.key: r.sensitivity for r in results}
         ratios = {r.key: r.error_ratio for r in results}
-        if stack is not None:
+        if stack is not None and local_outcome is None:
             sens, ratios = derive(stack, list(seen), sens, ratios)
         missing = sorted(set(seen) - set(sens))
         if missing:  # a key some rank saved but whose probe job nobody ran
@@ -358,16 +380,26 @@ class Controller:
         watchdog.beat("checking the new plan across ranks")
         plan = self.reallocate(self.config.bits)
         elapsed = time.perf_counter() - start
-        backward_passes = sum(r.backward_passes for r in local) + padding
         jobs_total = sum(len(g) for g in groups)
         cost = self.probe_cost
         cost.rounds += 1
         cost.jobs += mine_count
-        cost.forward_passes += 1 + (backward_passes if forward_per_pass else 0)
-        cost.backward_passes += backward_passes + (1 if restarts is not None else 0)
+        if local_outcome is not None:
+            backward_passes = local_outcome.passes
+            cost.forward_passes += local_outcome.forwards
+            cost.backward_passes += backward_passes
+        else:
+            backward_passes = sum(r.backward_passes for r in local) + padding
+            cost.forward_passes += 1 + (backward_passes if forward_per_pass else 0)
+            cost.backward_passes += backward_passes + (1 if restarts is not None else 0)
         cost.padding_passes += padding
         cost.seconds += elapsed
-        cost.history.append({"step": self.step, "probe": self.config.probe, "tensors": len(seen),
+        extra = {} if local_outcome is None else {
+            "block_forwards": local_outcome.block_forwards, "forwards": local_outcome.forwards,
+            "job_passes": local_outcome.job_passes,
+            "level_passes": local_outcome.passes - local_outcome.job_passes - padding,
+            "rho": {str(k): v for k, v in sorted(local_outcome.rho.items())}}
+        cost.history.append({"step": self.step, "probe": mode, **extra, "tensors": len(seen),
                              "jobs": jobs_total, "jobs_this_rank": mine_count,
                              "probed_blocks": probed_blocks,
                              "backward_passes": backward_passes, "padding_passes": padding,
@@ -380,6 +412,42 @@ class Controller:
         log.info("alam_dist: probed %d/%d tensors in %.1fs; plan %.3f bits/element",
                  mine_count, len(seen), elapsed, plan.average_bits())
         return plan
+
+    def _local_round(self, closure, watchdog: "ProbeWatchdog", forward_per_pass: bool,
+                     collective_passes: bool, batch_share: tuple[int, int],
+                     params: list[torch.Tensor], stat_params: list[torch.Tensor],
+                     seed: int) -> LocalOutcome | None:
+        """The block-local round (alam_dist/local_probe.py), or None where the model does
+        not meet its preconditions (then the caller runs the cheap round)."""
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        stats_before = self.policy.stats
+        with preserved_training_state(self.model, params + stat_params):
+            self.policy.stats = type(stats_before)()
+            self.policy.seen.clear()
+            self.policy.seen_small.clear()
+            self.policy.size_share = batch_share
+            runner = LocalRound(self.policy, self._blocks, closure, params, stat_params, names,
+                                seed, tuple(f for f in self.config.ladder if f < 16 and f != 0.5),
+                                self.config.probe_granularity, forward_per_pass, watchdog.beat)
+            try:
+                outcome = runner.run(self.collective, collective_passes)
+            except NotLocal as err:
+                if not self._warned_not_local:
+                    self._warned_not_local = True
+                    warnings.warn(f"alam_dist: the block-local probe round does not apply to this "
+                                  f"model ({err}); using probe='cheap'", stacklevel=4)
+                return None
+            finally:
+                self.policy.record_exact = None
+                self.policy.record_plain = None
+                self.policy.activation_leaves.clear()
+                self.policy.size_share = (1, 1)
+                self.policy.release_recorded()
+                self.policy.stats = stats_before
+        outcome.passes = runner.passes
+        outcome.forwards = runner.forwards
+        outcome.block_forwards = runner.block_forwards
+        return outcome
 
     @staticmethod
     def _job_groups(keys: list[str], stack: BlockStack | None,
@@ -535,7 +603,7 @@ class Controller:
         """The part of a training forward's inputs a probe round runs on, and its
         ``batch_share``: cheap rounds take ``probe_batch_fraction`` of the samples
         (:func:`slice_inputs`), full rounds all of them."""
-        fraction = self.config.probe_batch_fraction if self.config.probe == "cheap" else 1.0
+        fraction = self.config.probe_batch_fraction if self.config.probe in ("local", "cheap") else 1.0
         return slice_inputs(args, kwargs, fraction)
 
     def note_step_seconds(self, seconds: float) -> None:

@@ -124,7 +124,13 @@ class SavedTensorPolicy:
         # record mode: which keys keep an exact copy (None: all); the others are
         # compressed as in training, so a probe forward holds little more than a step
         self.record_exact: Callable[[str], bool] | None = None
+        # record mode: keys kept as autograd gave them (not copied, not compressed): the
+        # block-local round's first forward, whose block graphs die at once
+        self.record_plain: Callable[[str], bool] | None = None
         self.weight_detectors: list[WeightDetector] = []
+        # leaves that are activations, not weights: the block-local probe round cuts the
+        # graph at block boundaries with leaves that stand for the hidden state
+        self.activation_leaves: dict[int, torch.Tensor] = {}
         self.seen: dict[str, TensorInfo] = {}
         self.seen_small: set[str] = set()  # float tensors kept exact for being under min_numel
         self.stats = StepStats()
@@ -234,6 +240,8 @@ class SavedTensorPolicy:
         # activation can land at a freed weight's address (a storage-pointer test made
         # compression decisions, and so training, irreproducible).
         if t.is_leaf:
+            if self.activation_leaves and self.activation_leaves.get(id(t)) is t:
+                return False
             # Parameters, inputs, frozen weights and their autocast copies, and tensors
             # built without grad (additive attention masks holding finfo.min, rotary
             # tables): held elsewhere, or unsafe to quantize. Bool masks are packed before
@@ -244,7 +252,8 @@ class SavedTensorPolicy:
             if fn is None:
                 break
             if type(fn).__name__ == "AccumulateGrad":
-                return True
+                leaf = fn.variable if self.activation_leaves else None
+                return not (leaf is not None and self.activation_leaves.get(id(leaf)) is leaf)
             if fn.name() not in _VIEW_OR_CAST:
                 break
             nexts = [f for f, _ in fn.next_functions if f is not None]
@@ -299,6 +308,9 @@ class SavedTensorPolicy:
             self.stats.packed_bytes += raw
             self.stats.exact_bytes += raw
             return t
+        if self.mode == "record" and self.record_plain is not None and self.record_plain(key):
+            self.stats.exact_bytes += raw
+            return t
         if self.mode == "record" and (self.record_exact is None or self.record_exact(key)):
             self.stats.exact_bytes += raw
             self._recorded[key] = t
@@ -320,8 +332,13 @@ class SavedTensorPolicy:
         storage signature replaces an earlier entry."""
         return dict(self._recorded)
 
-    def release_recorded(self) -> None:
-        """Drop the record forward's exact tensors (they would pin a step's activations)."""
+    def release_recorded(self, which: Callable[[str], bool] | None = None) -> None:
+        """Drop the record forward's exact tensors (they would pin a step's activations);
+        ``which``: only those keys."""
+        if which is not None:
+            for key in [k for k in self._recorded if which(k)]:
+                del self._recorded[key]
+            return
         self._recorded.clear()
         self._dedup.clear()
 

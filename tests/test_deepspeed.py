@@ -66,9 +66,16 @@ def test_zero_stages_train_with_identical_plans(zero_runs, stage, dtype):
     h0, h1 = r0["probe_cost"]["history"][0], r1["probe_cost"]["history"][0]
     assert h0["jobs"] == h1["jobs"] and h0["jobs_this_rank"] + h1["jobs_this_rank"] == h0["jobs"]
     assert abs(h0["jobs_this_rank"] - h1["jobs_this_rank"]) <= 1
-    assert h0["backward_passes"] == 3 * h0["jobs_this_rank"] + h0["padding_passes"]
-    # the cheap round's one exact backward (restart gradients) is counted too
-    assert r0["probe_cost"]["backward_passes"] == h0["backward_passes"] + h0["restart_backward"]
+    # the local round (default): each job 3 passes through its block and up to 3 through
+    # the one below; per level an exact and a calibration pass; padding under ZeRO-3
+    assert h0["probe"] == "local"
+    for h in (h0, h1):
+        assert h["backward_passes"] == h["job_passes"] + h["level_passes"] + h["padding_passes"]
+        assert 3 * h["jobs_this_rank"] <= h["job_passes"] <= 6 * h["jobs_this_rank"]
+        assert h["block_forwards"] >= 2  # the test model's 2 blocks, recomputed
+    if stage == 3:  # passes are collectives there: both ranks ran the same number
+        assert h0["backward_passes"] == h1["backward_passes"] and h0["level_passes"] == h1["level_passes"]
+    assert r0["probe_cost"]["backward_passes"] == h0["backward_passes"]
 
 
 def test_runs_leave_no_shared_memory_segments_behind(zero_runs):
@@ -232,7 +239,11 @@ UNEVEN = {
     # per restart point) and every group is shared and padded separately
     "three_ranks_restarts": {"nproc": 3, "launcher": "torchrun", "layers": 4, "attn": "sdpa",
                              "dtype": "fp32", "seq_per_rank": [32, 48, 40],
-                             "alam": {"probe_blocks": 2}},
+                             "alam": {"probe": "cheap", "probe_blocks": 2}},
+    # the block-local round (default): levels (above the stack, 3 blocks, below) shared and
+    # padded one by one; every pass recomputes its block (weights are re-partitioned)
+    "three_ranks_local": {"nproc": 3, "launcher": "torchrun", "layers": 3, "attn": "sdpa",
+                          "dtype": "fp32", "seq_per_rank": [32, 48, 40]},
 }
 
 
@@ -269,8 +280,19 @@ def test_uneven_probe_jobs_keep_ranks_in_lockstep(uneven_runs):
     per_job = 3
     passes = {h["backward_passes"] for h in hist}
     assert len(passes) == 1
-    assert all(h["backward_passes"] == per_job * h["jobs_this_rank"] + h["padding_passes"] for h in hist)
-    if not hist[0]["probed_blocks"]:
+    if hist[0]["probe"] != "local":
+        assert all(h["backward_passes"] == per_job * h["jobs_this_rank"] + h["padding_passes"]
+                   for h in hist)
+    if hist[0]["probe"] == "local":
+        # a job's passes run through its block and the one below (both recomputed per pass;
+        # block 0's jobs have no window under ZeRO-3: that would be a whole forward per pass)
+        assert all(per_job * h["jobs_this_rank"] <= h["job_passes"] <= 2 * per_job * h["jobs_this_rank"]
+                   for h in hist)
+        assert all(h["backward_passes"] == h["job_passes"] + h["level_passes"] + h["padding_passes"]
+                   for h in hist)
+        assert len({h["block_forwards"] for h in hist}) == 1 and hist[0]["block_forwards"] > 3
+        assert sum(h["padding_passes"] for h in hist) > 0
+    elif not hist[0]["probed_blocks"]:
         assert passes == {per_job * -(-jobs_total // nproc)}  # one group, from the loss
     else:
         assert hist[0]["restart_backward"] and len(hist[0]["probed_blocks"]) == 2

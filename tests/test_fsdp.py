@@ -67,7 +67,12 @@ def test_fp32_and_bf16_train_with_identical_plans_on_every_rank(runs):
         assert h0["jobs_this_rank"] + h1["jobs_this_rank"] == h0["jobs"]
         assert abs(h0["jobs_this_rank"] - h1["jobs_this_rank"]) <= 1
         assert h0["backward_passes"] == h1["backward_passes"]
-        assert h0["backward_passes"] == 3 * h0["jobs_this_rank"] + h0["padding_passes"]
+        # the block-local round: each job's 3 passes run through its block and the one
+        # below (every pass a collective: no pass skipped), plus each level's own passes
+        assert h0["probe"] == "local"
+        for h in (h0, h1):
+            assert h["job_passes"] == 6 * h["jobs_this_rank"]
+            assert h["backward_passes"] == h["job_passes"] + h["level_passes"] + h["padding_passes"]
 
 
 def test_weights_are_found_under_fsdp_as_without_it(runs):

@@ -63,12 +63,12 @@ def test_interpolated_plan_agrees_with_the_full_plan_on_the_toy(bits, blocks, ch
     assert c["backward_passes"] == 3 * c["jobs"] and f["backward_passes"] == 3 * f["jobs"]
 
 
-def test_default_cheap_round_is_the_full_statistic():
-    """Default: every block probed, passes restarted at block outputs: the same plan as
-    the full round, from fewer backward FLOPs."""
-    assert alam_dist.ALAMConfig().probe == "cheap" and alam_dist.ALAMConfig().probe_blocks is None
+def test_cheap_round_is_the_full_statistic():
+    """Every block probed, passes restarted at block outputs: the same plan as the full
+    round, from fewer backward FLOPs."""
+    assert alam_dist.ALAMConfig().probe_blocks is None
     _, full = _probe(6, bits=1, probe="full")
-    ctl, cheap = _probe(6, bits=1)
+    ctl, cheap = _probe(6, bits=1, probe="cheap")
     assert cheap.bits == full.bits
     assert ctl.probe_cost.history[-1]["probed_blocks"] == list(range(6))
 
