@@ -169,10 +169,11 @@ class BoundaryForward:
                 if self.order and self.order[-1] != b - 1 or not self.order and b != 0:
                     raise NotLocal(f"block {b} ran out of order")
                 kind, slot, h = _split_hidden(args, kwargs)
-                rest_args = tuple(None if _is_cache(None, a) else
-                                  a if isinstance(a, torch.Tensor) and a is h else _detached(a)
+                # the hidden state's slot is left empty: the tensor (with its graph) would
+                # keep every earlier block's saved tensors alive for the whole round
+                rest_args = tuple(None if _is_cache(None, a) or a is h else _detached(a)
                                   for a in args)
-                rest_kwargs = {k: (None if _is_cache(k, v) else v if v is h else _detached(v))
+                rest_kwargs = {k: (None if _is_cache(k, v) or v is h else _detached(v))
                                for k, v in kwargs.items()}
                 if "use_cache" in rest_kwargs:
                     rest_kwargs["use_cache"] = False

