@@ -74,6 +74,11 @@ class Plan:
         return sum(stored_bits(b, self.raw_bits.get(k, 32), self.formats) * self.numel.get(k, 0)
                    for k, b in self.bits.items()) / total
 
+    def agreement(self, other: "Plan") -> float:
+        """Share of this plan's elements that ``other`` puts on the same format."""
+        same = sum(self.numel[k] for k in self.bits if self.bits[k] == other.bits.get(k))
+        return same / sum(self.numel.values())
+
     def digest(self) -> str:
         """Hash of what training uses (fingerprint + key -> bits): compared across ranks."""
         what = {"fingerprint": self.fingerprint, "bits": sorted(self.bits.items())}

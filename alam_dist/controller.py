@@ -22,6 +22,7 @@ Seed-compatible use (also available as ``import alam``)::
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -42,7 +43,7 @@ from alam_dist.blocks import BlockStack, derive, find_blocks
 from alam_dist.watchdog import ProbeWatchdog
 from alam_dist.local_probe import LocalOutcome, LocalRound, NotLocal
 from alam_dist.sensitivity import (BlockRestarts, ProbeJob, ProbeResult, ProbeRound,
-                                   preserved_training_state, record_forward)
+                                   preserved_training_state, probe_formats, record_forward)
 
 log = logging.getLogger("alam_dist")
 
@@ -302,7 +303,6 @@ class Controller:
                 mode = "cheap"
         stack = self._blocks if mode == "cheap" else None
         probed_blocks = stack.choose(self.config.probe_blocks) if stack else []
-        stats_before = self.policy.stats
         restarts = None
         fixed_seconds = 0.0
         if local_outcome is not None:
@@ -310,11 +310,7 @@ class Controller:
             local, seen, small, groups = out.results, out.seen, out.small, out.groups
             padding, mine_count, group_cost = out.padding_passes, out.jobs_this_rank, out.group_cost
         else:
-            with preserved_training_state(self.model, params + list(grad_params or [])):
-                self.policy.stats = type(stats_before)()
-                self.policy.seen.clear()
-                self.policy.seen_small.clear()
-                self.policy.size_share = batch_share
+            with self._probe_state(batch_share, params + list(grad_params or [])):
                 if stack is not None:
                     if len(probed_blocks) < stack.count:  # others are interpolated: no exact copy
                         keep = set(probed_blocks)
@@ -359,12 +355,8 @@ class Controller:
                                            "seconds": time.perf_counter() - group_start})
                     del loss, probe_round
                 finally:
-                    self.policy.record_exact = None
-                    self.policy.size_share = (1, 1)
-                    self.policy.release_recorded()
                     if restarts is not None:
                         restarts.remove()
-        self.policy.stats = stats_before
         watchdog.beat("gathering probe results from every rank")
         results = self.collective.gather_results(local)
         sens = {r.key: r.sensitivity for r in results}
@@ -420,23 +412,32 @@ class Controller:
         """The block-local round (alam_dist/local_probe.py), or None where the model does
         not meet its preconditions (then the caller runs the cheap round)."""
         names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        stats_before = self.policy.stats
-        with preserved_training_state(self.model, params + stat_params):
-            self.policy.stats = type(stats_before)()
-            self.policy.seen.clear()
-            self.policy.seen_small.clear()
-            self.policy.size_share = batch_share
+        with self._probe_state(batch_share, params + stat_params):
             runner = LocalRound(self.policy, self._blocks, closure, params, stat_params, names,
-                                seed, tuple(f for f in self.config.ladder if f < 16 and f != 0.5),
+                                seed, probe_formats(self.config.ladder),
                                 self.config.probe_granularity, forward_per_pass, watchdog.beat)
             try:
-                outcome = runner.run(self.collective, collective_passes)
+                return runner.run(self.collective, collective_passes)
             except NotLocal as err:
                 if not self._warned_not_local:
                     self._warned_not_local = True
                     warnings.warn(f"alam_dist: the block-local probe round does not apply to this "
                                   f"model ({err}); using probe='cheap'", stacklevel=4)
                 return None
+
+    @contextlib.contextmanager
+    def _probe_state(self, batch_share: tuple[int, int], tensors: list[torch.Tensor]):
+        """A probe round's policy state around it: a fresh inventory and byte count, the
+        slice's share, and on exit every probe setting reset and every recorded copy
+        released; training state (grads, RNG, buffers, modes) restored."""
+        stats_before = self.policy.stats
+        with preserved_training_state(self.model, tensors):
+            self.policy.stats = type(stats_before)()
+            self.policy.seen.clear()
+            self.policy.seen_small.clear()
+            self.policy.size_share = batch_share
+            try:
+                yield
             finally:
                 self.policy.record_exact = None
                 self.policy.record_plain = None
@@ -444,10 +445,6 @@ class Controller:
                 self.policy.size_share = (1, 1)
                 self.policy.release_recorded()
                 self.policy.stats = stats_before
-        outcome.passes = runner.passes
-        outcome.forwards = runner.forwards
-        outcome.block_forwards = runner.block_forwards
-        return outcome
 
     @staticmethod
     def _job_groups(keys: list[str], stack: BlockStack | None,

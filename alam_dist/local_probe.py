@@ -44,9 +44,10 @@ from typing import Callable
 import torch
 
 from alam_dist.blocks import BlockStack
-from alam_dist.policy import SavedTensorPolicy, key_seed
-from alam_dist.sensitivity import (AQ, Q8, ProbeJob, ProbeResult, captured_backward,
-                                   _norm_vector)
+from alam_dist.policy import SavedTensorPolicy, TensorInfo, key_seed
+from alam_dist.sensitivity import (ProbeJob, ProbeResult, ProbeRound, error_ratio,
+                                   gradnormvar_of, grad_norms_and, pair_distances,
+                                   record_forward)
 
 BELOW = -1
 """Level of the segment below the stack (embeddings): nothing is below it."""
@@ -94,16 +95,18 @@ def _is_cache(name: str | None, value) -> bool:
     return (name in _CACHE_KWARGS and value is not None) or type(value).__name__.endswith("Cache")
 
 
-def _detached(value):
+def _gradient_free(value):
+    """``value`` as is, after checking that no tensor in it carries a gradient (such a
+    tensor would tie the block to the graph of another: NotLocal)."""
     if isinstance(value, torch.Tensor):
         if value.requires_grad:
             raise NotLocal("a tensor that carries a gradient (other than the hidden state) "
                            "is passed to a block")
         return value
     if isinstance(value, (tuple, list)):
-        return type(value)(_detached(v) for v in value)
+        return type(value)(_gradient_free(v) for v in value)
     if isinstance(value, dict):
-        return {k: _detached(v) for k, v in value.items()}
+        return {k: _gradient_free(v) for k, v in value.items()}
     return value
 
 
@@ -171,9 +174,9 @@ class BoundaryForward:
                 kind, slot, h = _split_hidden(args, kwargs)
                 # the hidden state's slot is left empty: the tensor (with its graph) would
                 # keep every earlier block's saved tensors alive for the whole round
-                rest_args = tuple(None if _is_cache(None, a) or a is h else _detached(a)
+                rest_args = tuple(None if _is_cache(None, a) or a is h else _gradient_free(a)
                                   for a in args)
-                rest_kwargs = {k: (None if _is_cache(k, v) or v is h else _detached(v))
+                rest_kwargs = {k: (None if _is_cache(k, v) or v is h else _gradient_free(v))
                                for k, v in kwargs.items()}
                 if "use_cache" in rest_kwargs:
                     rest_kwargs["use_cache"] = False
@@ -271,7 +274,7 @@ class LocalRound:
     forwards: int = 0
     block_forwards: int = 0
 
-    PASSES = ((AQ, 0), (AQ, 1), (Q8, 0))
+    PASSES = ProbeRound.PASSES
 
     # -- the pieces -------------------------------------------------------------------------
     def boundary_forward(self) -> tuple[torch.Tensor, BoundaryForward]:
@@ -279,23 +282,15 @@ class LocalRound:
         below and above the stack recorded exactly."""
         stack = self.stack
         capture = BoundaryForward(stack, self.policy)
-        self.policy.release_recorded()
         self.policy.record_exact = lambda key: stack.block_of(key) is None
         self.policy.record_plain = lambda key: stack.block_of(key) is not None
-        previous, self.policy.mode = self.policy.mode, "record"
         try:
-            with captured_backward() as captured:
-                out = self.closure()
+            loss = record_forward(self.policy, self.closure)
         finally:
-            self.policy.mode = previous
             self.policy.record_plain = None
             capture.remove()
         self.forwards += 1
-        loss = out if isinstance(out, torch.Tensor) else (captured[-1] if captured else None)
-        if loss is None:
-            raise RuntimeError("the probe closure neither returned a loss tensor nor called "
-                               "loss.backward(); return the loss from the closure")
-        return (loss if loss.numel() == 1 else loss.sum()), capture
+        return loss, capture
 
     def recompute(self, capture: BoundaryForward, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Block b's forward again from its recorded input, its tensors exact."""
@@ -321,48 +316,21 @@ class LocalRound:
 
     def local_pass(self, root: torch.Tensor, grad_output: torch.Tensor | None,
                    params: list[torch.Tensor], down: torch.Tensor | None,
-                   target: tuple[str, float, int] | None,
-                   retain: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Row norms of ``params``' gradients and the gradient at ``down`` (None: none)."""
-        norms: dict[int, torch.Tensor] = {}
-
-        def keep_norms(index: int):
-            def hook(g: torch.Tensor) -> torch.Tensor:
-                norms[index] = _norm_vector(g.detach(), self.granularity)
-                return g.new_zeros(()).expand_as(g)
-            return hook
-
-        handles = [p.register_hook(keep_norms(i)) for i, p in enumerate(params)]
-        inputs = list(params) + ([down] if down is not None else [])
+                   target: tuple[str, float, int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Row norms of ``params``' gradients and the gradient at ``down`` (None: none),
+        with ``target`` (key, format, seed) compressed."""
         self.policy.probe_target = target
         try:
-            grads = torch.autograd.grad(root, inputs, grad_outputs=grad_output,
-                                        retain_graph=retain, allow_unused=True)
+            out = grad_norms_and(root, params, down, self.granularity, True, grad_output)
         finally:
             self.policy.probe_target = None
-            for h in handles:
-                h.remove()
         self.passes += 1
-        parts = []
-        for i, p in enumerate(params):
-            if i in norms:
-                parts.append(norms[i].double())
-            else:
-                shape = tuple(getattr(p, "ds_shape", None) or p.shape)
-                rows = 1 if self.granularity == "param" else (
-                    shape[0] if len(shape) >= 2 else max(1, int(torch.Size(shape).numel())))
-                parts.append(torch.zeros(rows, dtype=torch.float64, device=p.device))
-        vec = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
-        g_down = grads[-1] if down is not None else None
-        if g_down is not None:
-            g_down = g_down.detach()
-        return vec, g_down
+        return out
 
     # -- the round ---------------------------------------------------------------------------
     def run(self, collective, collective_passes: bool) -> LocalOutcome:
         """The whole round on this rank; raises NotLocal (on every rank alike) when the
         model does not meet the preconditions -- nothing of training was touched then."""
-        from alam_dist.policy import TensorInfo
         stack, count = self.stack, self.stack.count
         self.beat("recording the probe forward")
         loss, capture = self.boundary_forward()
@@ -396,11 +364,10 @@ class LocalRound:
             groups.append([ProbeJob(k, index + i, level) for i, k in enumerate(keys)])
             index += len(keys)
 
-        prefix = stack.prefix + "."
         in_block: dict[int, list[int]] = {}
         outside: list[int] = []
         for i, name in enumerate(self.param_names):
-            b = _block_of_param(prefix, name)
+            b = stack.block_of(name)
             (in_block.setdefault(b, []) if b is not None else outside).append(i)
         outside_params = [self.stat_params[i] for i in outside]
 
@@ -419,9 +386,9 @@ class LocalRound:
         if below and not has_bottom:
             raise NotLocal("tensors are saved below the blocks but block 0's input has no graph")
 
-        def segment() -> BoundaryForward:
-            """A capture whose segment graphs (above and below the stack) are unused: the
-            first forward's once, then -- where weights are re-partitioned after each
+        def segment() -> tuple[BoundaryForward, torch.Tensor | None]:
+            """(capture, loss) whose segment graphs (above and below the stack) are unused:
+            the first forward's once, then -- where weights are re-partitioned after each
             backward -- a new forward per pass."""
             if first["capture"] is not None and (not self.forward_per_pass or first.get("fresh", True)):
                 first["fresh"] = False
@@ -479,8 +446,6 @@ class LocalRound:
         upstream = None  # dL/d(output of the current level); None above the stack
         current = Level(count)
         for gi, level in enumerate([count] + list(reversed(range(count))) + [BELOW]):
-            if level == BELOW and not has_bottom:
-                break
             self.beat(f"level {level} of the block-local round")
             t_level = time.perf_counter()
             w = window_of(level)
@@ -551,38 +516,14 @@ class LocalRound:
         self.policy.release_recorded()
         rho = rhos(lam, gam, count)
         return LocalOutcome(finish(results, rho, lam), seen, small, groups, group_cost,
-                            counters["mine"], counters["padding"], rho,
+                            counters["mine"], counters["padding"], rho, passes=self.passes,
+                            forwards=self.forwards, block_forwards=self.block_forwards,
                             job_passes=counters["job_passes"])
 
     def error_ratio(self, key: str, extra: dict | None = None) -> dict[float, float]:
         x = self.policy.recorded_exact().get(key)
-        if x is None and extra:
-            x = extra.get(key)
-        if x is None:
-            return {}
-        xf = x.detach().float()
-
-        def mse(fmt: float) -> float:
-            y = self.policy.round_trip(x, fmt, self.seed)
-            return float((y.float() - xf).pow(2).mean())
-
-        base = mse(AQ)
-        if base <= 0.0:
-            return {f: 0.0 for f in self.formats}
-        return {f: mse(f) / base for f in self.formats}
-
-
-def pair_distances(values: list[torch.Tensor | None]) -> tuple[float, float, float]:
-    """|a - b|^2, |a - c|^2, |b - c|^2 of the three passes' vectors (0 where not measured)."""
-    if any(v is None for v in values):
-        return (0.0, 0.0, 0.0)
-    a, b, c = (v.double() for v in values)
-    return (float((a - b).pow(2).sum()), float((a - c).pow(2).sum()), float((b - c).pow(2).sum()))
-
-
-def gradnormvar_from(pairs: tuple[float, float, float]) -> float:
-    ss, s8, s18 = pairs
-    return max(ss, 2.0 * max(s8, s18))
+        return error_ratio(self.policy, x if x is not None or not extra else extra.get(key),
+                           self.seed, self.formats)
 
 
 def calibration_noise(grad: torch.Tensor, seed: int, block: int) -> torch.Tensor:
@@ -603,13 +544,6 @@ def response(n_z: torch.Tensor, n_exact: torch.Tensor, g_z: torch.Tensor | None,
     lam = float((n_z - n_exact).pow(2).sum()) / zz
     gam = 0.0 if g_z is None or g_exact is None else float((g_z - g_exact).double().pow(2).sum()) / zz
     return lam, gam
-
-
-def _block_of_param(prefix: str, name: str) -> int | None:
-    if not name.startswith(prefix):
-        return None
-    head = name[len(prefix):].split(".", 1)[0]
-    return int(head) if head.isdigit() else None
 
 
 def rhos(lam: dict[int, float], gam: dict[int, float], count: int) -> dict[int, float]:
@@ -641,7 +575,7 @@ def finish(results: list[LocalJobResult], rho: dict[int, float],
                     if unit > 0 and r.handed[i] > 0 else 1.0
                 beyond = rho.get(r.window, 0.0) * r.beyond[i] * coherence
             pairs.append(measured + beyond)
-        out.append(ProbeResult(r.key, gradnormvar_from(tuple(pairs)), len(LocalRound.PASSES),
+        out.append(ProbeResult(r.key, gradnormvar_of(tuple(pairs)), len(LocalRound.PASSES),
                                r.seconds, r.error_ratio))
     return out
 

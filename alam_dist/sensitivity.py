@@ -170,6 +170,16 @@ def grad_norms(loss: torch.Tensor, params: list[torch.nn.Parameter],
     one parameter's gradient (``autograd.grad`` alone would return all of them at once:
     the whole model's gradients, on every rank even under ZeRO-3).
     """
+    return grad_norms_and(loss, params, None, granularity, retain_graph, grad_output)[0]
+
+
+def grad_norms_and(root: torch.Tensor, params: list[torch.Tensor], also: torch.Tensor | None,
+                   granularity: str = "row", retain_graph: bool = True,
+                   grad_output: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`grad_norms`, and in the same backward the whole gradient at ``also`` (a
+    block's input: what the block-local round hands down); None when ``also`` is None
+    or not reached."""
     norms: dict[int, torch.Tensor] = {}
 
     def keep_norms(index: int):
@@ -179,9 +189,10 @@ def grad_norms(loss: torch.Tensor, params: list[torch.nn.Parameter],
         return hook
 
     handles = [p.register_hook(keep_norms(i)) for i, p in enumerate(params)]
+    inputs = list(params) + ([also] if also is not None else [])
     try:
-        torch.autograd.grad(loss, params, grad_outputs=grad_output, retain_graph=retain_graph,
-                            allow_unused=True)
+        grads = torch.autograd.grad(root, inputs, grad_outputs=grad_output,
+                                    retain_graph=retain_graph, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
@@ -194,7 +205,9 @@ def grad_norms(loss: torch.Tensor, params: list[torch.nn.Parameter],
         rows = 1 if granularity == "param" else (shape[0] if len(shape) >= 2 else
                                                    max(1, int(torch.Size(shape).numel())))
         parts.append(torch.zeros(rows, dtype=torch.float32, device=p.device))  # not reached
-    return torch.cat(parts).double()
+    vector = torch.cat(parts).double() if parts else torch.zeros(0, dtype=torch.float64)
+    g_also = grads[-1] if also is not None else None
+    return vector, (g_also.detach() if g_also is not None else None)
 
 
 def _norm_vector(g: torch.Tensor, granularity: str) -> torch.Tensor:
@@ -206,10 +219,46 @@ def _norm_vector(g: torch.Tensor, granularity: str) -> torch.Tensor:
     return g.abs().reshape(-1)
 
 
+def pair_distances(values: list[torch.Tensor | None]) -> tuple[float, float, float]:
+    """|a - b|^2, |a - c|^2, |b - c|^2 of three passes' vectors, in pass order (AQ seed s,
+    AQ seed s+1, 8 bits); 0 where a pass measured nothing."""
+    if any(v is None for v in values):
+        return (0.0, 0.0, 0.0)
+    a, b, c = (v.double() for v in values)
+    return (float((a - b).pow(2).sum()), float((a - c).pow(2).sum()), float((b - c).pow(2).sum()))
+
+
+def gradnormvar_of(pairs: tuple[float, float, float]) -> float:
+    """sens = max(|n_s - n_s1|^2, 2 * max(|n_s - n8|^2, |n_s1 - n8|^2)) from the distances."""
+    between_seeds, s_vs_8bit, s1_vs_8bit = pairs
+    return max(between_seeds, 2.0 * max(s_vs_8bit, s1_vs_8bit))
+
+
 def gradnormvar(n_s: torch.Tensor, n_s1: torch.Tensor, n8: torch.Tensor) -> float:
-    between_seeds = float((n_s - n_s1).pow(2).sum())
-    against_8bit = max(float((n_s - n8).pow(2).sum()), float((n_s1 - n8).pow(2).sum()))
-    return max(between_seeds, 2.0 * against_8bit)
+    return gradnormvar_of(pair_distances([n_s, n_s1, n8]))
+
+
+def probe_formats(ladder: tuple[float, ...]) -> tuple[float, ...]:
+    """The formats whose error ratio to AQ a probe measures: the ladder's compressed ones."""
+    return tuple(f for f in ladder if f < 16 and f != AQ)
+
+
+def error_ratio(policy: SavedTensorPolicy, x: torch.Tensor | None, seed: int,
+                formats: tuple[float, ...]) -> dict[float, float]:
+    """MSE(format) / MSE(AQ) of a tensor's own values (1 encode+decode per format): scales
+    a sensitivity measured at AQ to the other formats. {} without the tensor."""
+    if x is None:
+        return {}
+    xf = x.detach().float()
+
+    def mse(fmt: float) -> float:
+        y = policy.round_trip(x, fmt, seed)
+        return float((y.float() - xf).pow(2).mean())
+
+    base = mse(AQ)
+    if base <= 0.0:
+        return {f: 0.0 for f in formats}
+    return {f: mse(f) / base for f in formats}
 
 
 class ProbeRound:
@@ -228,25 +277,13 @@ class ProbeRound:
         # backward (ZeRO-3), at the cost of one forward per pass.
         self.forward = forward
         self.granularity = granularity
-        self.formats = tuple(f for f in formats if f < 16 and f != AQ)
+        self.formats = probe_formats(formats)
         self.keys = sorted(policy.seen if keys is None else keys)
         self._exact = policy.recorded_exact()
 
     def error_ratio(self, key: str) -> dict[float, float]:
-        """MSE(format) / MSE(AQ) of this tensor's own values (1 encode+decode per format)."""
-        x = self._exact.get(key)
-        if x is None:
-            return {}
-        xf = x.detach().float()
-
-        def mse(fmt: float) -> float:
-            y = self.policy.round_trip(x, fmt, self.seed)
-            return float((y.float() - xf).pow(2).mean())
-
-        base = mse(AQ)
-        if base <= 0.0:
-            return {f: 0.0 for f in self.formats}
-        return {f: mse(f) / base for f in self.formats}
+        """MSE(format) / MSE(AQ) of this tensor's own values (see :func:`error_ratio`)."""
+        return error_ratio(self.policy, self._exact.get(key), self.seed, self.formats)
 
     def has_exact(self, key: str) -> bool:
         """Whether this rank's forward recorded ``key`` exactly (a job needs that)."""

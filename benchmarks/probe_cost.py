@@ -159,30 +159,38 @@ def at_ranks_balanced(fixed: float, groups: list[tuple[int, float]], ranks: int)
     return fixed + max(per_rank)
 
 
-def agreement(a, b) -> float:
-    same = sum(a.numel[k] for k in a.bits if a.bits[k] == b.bits.get(k))
-    return same / sum(a.numel.values())
-
-
-def train_loss(depth, args, plan, seed) -> float:
-    """Mean loss of the last 5 of args.steps Adam steps; plan None trains exactly."""
-    model = build(depth, args.hidden)
+def train_on_plan(model, plan, seed, steps: int, loss_at, make_optimizer) -> float:
+    """Mean loss of the last 5 of ``steps`` optimizer steps, ``loss_at(step)`` each; plan
+    None trains exactly."""
     ctl = None
     if plan is not None:
         ctl = alam_dist.apply(model, alam_dist.ALAMConfig(bits=plan.budget, seed=seed))
         ctl.set_plan(plan)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    opt = make_optimizer(model.parameters())
     losses = []
-    for step in range(args.steps):
-        x = batch(args, seed=100 + step)
-        loss = model(input_ids=x, labels=x).loss
+    for step in range(steps):
+        loss = loss_at(step)
         loss.backward()
         opt.step()
         opt.zero_grad()
         if ctl is not None:
             ctl.step_done()
         losses.append(float(loss.detach()))
+    if ctl is not None:
+        ctl.uninstall_hook()
     return statistics.mean(losses[-5:])
+
+
+def train_loss(depth, args, plan, seed) -> float:
+    """The toy: args.steps AdamW steps on fresh batches."""
+    model = build(depth, args.hidden)
+
+    def loss_at(step):
+        x = batch(args, seed=100 + step)
+        return model(input_ids=x, labels=x).loss
+
+    return train_on_plan(model, plan, seed, args.steps, loss_at,
+                         lambda params: torch.optim.AdamW(params, lr=args.lr))
 
 
 # -- memory, in fresh processes -----------------------------------------------------------
@@ -295,7 +303,7 @@ def real_model_rows(args) -> list[dict]:
                "probe_s": seconds, "speedup": full_s / seconds}
         for b in (4, 2, 1):
             row[f"objective_vs_full_b{b}"] = objective(ctl.reallocate(b)) / objective(full.reallocate(b))
-            row[f"agree_b{b}"] = agreement(full.reallocate(b), ctl.reallocate(b))
+            row[f"agree_b{b}"] = full.reallocate(b).agreement(ctl.reallocate(b))
         rows.append(row)
     return rows
 
@@ -329,23 +337,9 @@ def real_model_training_rows(args) -> list[dict]:
 
     def train(plan, seed):
         model = task.model()
-        ctl = None
-        if plan is not None:
-            ctl = alam_dist.apply(model, alam_dist.ALAMConfig(bits=plan.budget, seed=seed))
-            ctl.set_plan(plan)
-        opt = torch.optim.Adam(model.parameters(), lr=task.lr)
-        losses = []
-        for step in range(args.real_steps):
-            loss = task.loss(model, task.batch(step))
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            if ctl is not None:
-                ctl.step_done()
-            losses.append(float(loss.detach()))
-        if ctl is not None:
-            ctl.uninstall_hook()
-        return statistics.mean(losses[-5:])
+        return train_on_plan(model, plan, seed, args.real_steps,
+                             lambda step: task.loss(model, task.batch(step)),
+                             lambda params: torch.optim.Adam(params, lr=task.lr))
 
     rows = []
     exact_loss = train(None, 0)
@@ -358,7 +352,7 @@ def real_model_training_rows(args) -> list[dict]:
                          "batch_fraction": fraction, "probe_s": seconds[key],
                          "steps": args.real_steps, "loss_exact": exact_loss, "loss": loss,
                          "full_plan_3_seeds": "%.3f-%.3f" % (min(full_seeds), max(full_seeds)),
-                         "agree": agreement(plans[("full", 1.0)][budget], plans[key][budget])})
+                         "agree": plans[("full", 1.0)][budget].agreement(plans[key][budget])})
     return rows
 
 
@@ -435,8 +429,8 @@ def main() -> None:
                 row[f"step_eq_R{r}"] = at_ranks_balanced(fixed, grp, r) / step_s
             row["step_eq_R8_lockstep"] = at_ranks(fixed, grp, 8)[0] / step_s
             row.update({"probe_peak_MB": peak, "step_peak_MB": mem_step, "peak_ratio": peak / mem_step,
-                        "agree_b2": agreement(plans[("full", 2)], plans[(mode, 2)]),
-                        "agree_b1": agreement(plans[("full", 1)], plans[(mode, 1)]),
+                        "agree_b2": plans[("full", 2)].agreement(plans[(mode, 2)]),
+                        "agree_b1": plans[("full", 1)].agreement(plans[(mode, 1)]),
                         "loss_exact": losses["exact"],
                         "loss_b2": losses[(mode, 2)], "loss_b1": losses[(mode, 1)],
                         "full_range_b2": "%.3f-%.3f" % losses[("range", 2)],

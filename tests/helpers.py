@@ -15,6 +15,16 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 128, vocab: int = 2
     return LlamaForCausalLM(cfg)
 
 
+def probe_tiny_llama(layers: int, **cfg):
+    """One probe round on a tiny LLaMA (seed 0) over a 4x48 token batch, ALAMConfig(**cfg):
+    (controller, plan)."""
+    import alam_dist
+    model = tiny_llama(seed=0, layers=layers)
+    ctl = alam_dist.apply(model, alam_dist.ALAMConfig(**cfg))
+    x = token_batch(4, 48, seed=1)
+    return ctl, ctl.probe(lambda: model(input_ids=x, labels=x).loss)
+
+
 def token_batch(batch: int = 4, seq: int = 64, vocab: int = 256, seed: int = 0) -> torch.Tensor:
     """Learnable sequences: arithmetic progressions mod vocab."""
     g = torch.Generator().manual_seed(seed)

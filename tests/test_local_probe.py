@@ -8,28 +8,15 @@ import torch
 import alam_dist
 from alam_dist import local_probe
 from alam_dist.local_probe import BELOW, LocalJobResult, LocalRound, finish, rhos
-from tests.helpers import tiny_llama, token_batch
+from tests.helpers import probe_tiny_llama, tiny_llama, token_batch
 
 pytest.importorskip("transformers")
 
 
-def _probe(layers: int, **cfg):
-    model = tiny_llama(seed=0, layers=layers)
-    ctl = alam_dist.apply(model, alam_dist.ALAMConfig(**cfg))
-    x = token_batch(4, 48, seed=1)
-    plan = ctl.probe(lambda: model(input_ids=x, labels=x).loss)
-    return ctl, plan
-
-
-def _agreement(a, b) -> float:
-    same = sum(a.numel[k] for k in a.bits if a.bits[k] == b.bits.get(k))
-    return same / sum(a.numel.values())
-
-
 @pytest.fixture(scope="module")
 def full_and_local():
-    full_ctl, _ = _probe(4, bits=1, probe="full")
-    local_ctl, _ = _probe(4, bits=1)
+    full_ctl, _ = probe_tiny_llama(4, bits=1, probe="full")
+    local_ctl, _ = probe_tiny_llama(4, bits=1)
     return full_ctl, local_ctl
 
 
@@ -57,7 +44,7 @@ def test_local_plans_agree_with_full_plans(full_and_local):
     elements (on this toy: all of them; at 4 bits ~88%, measured in benchmarks)."""
     full_ctl, local_ctl = full_and_local
     for bits in (2, 1):
-        assert _agreement(full_ctl.reallocate(bits), local_ctl.reallocate(bits)) >= 0.9, bits
+        assert full_ctl.reallocate(bits).agreement(local_ctl.reallocate(bits)) >= 0.9, bits
 
 
 def test_local_round_holds_at_most_two_blocks_exact_and_releases_everything(monkeypatch):
@@ -70,7 +57,7 @@ def test_local_round_holds_at_most_two_blocks_exact_and_releases_everything(monk
         return out
 
     monkeypatch.setattr(LocalRound, "recompute", recompute)
-    ctl, _ = _probe(5, bits=1)
+    ctl, _ = probe_tiny_llama(5, bits=1)
     assert len(seen_blocks) == 5  # each block recomputed once (no ZeRO-3 here)
     assert max(len(s) for s in seen_blocks) <= 2
     assert ctl.policy.recorded_exact() == {} and ctl.policy.record_exact is None

@@ -6,17 +6,9 @@ import torch
 import alam_dist
 from alam_dist.blocks import BlockStack, find_blocks, interpolate
 from alam_dist.controller import slice_inputs
-from tests.helpers import tiny_llama, token_batch
+from tests.helpers import probe_tiny_llama, tiny_llama, token_batch
 
 pytest.importorskip("transformers")
-
-
-def _probe(layers: int, **cfg):
-    model = tiny_llama(seed=0, layers=layers)
-    ctl = alam_dist.apply(model, alam_dist.ALAMConfig(**cfg))
-    x = token_batch(4, 48, seed=1)
-    plan = ctl.probe(lambda: model(input_ids=x, labels=x).loss)
-    return ctl, plan
 
 
 def test_blocks_roles_and_choice():
@@ -36,8 +28,8 @@ def test_blocks_roles_and_choice():
 def test_restarting_at_block_outputs_gives_the_full_statistic():
     """Every block probed: the cheap round differs from the full one only in where its
     backward passes start, so the sensitivities must be the same numbers."""
-    full, _ = _probe(3, bits=1, probe="full")
-    cheap, _ = _probe(3, bits=1, probe="cheap", probe_blocks=3)
+    full, _ = probe_tiny_llama(3, bits=1, probe="full")
+    cheap, _ = probe_tiny_llama(3, bits=1, probe="cheap", probe_blocks=3)
     s_full, _, r_full, _ = full._last_probe
     s_cheap, _, r_cheap, _ = cheap._last_probe
     assert s_full.keys() == s_cheap.keys()
@@ -51,11 +43,10 @@ def test_restarting_at_block_outputs_gives_the_full_statistic():
 @pytest.mark.parametrize("bits, blocks, chosen", [(2, 3, [0, 4, 7]), (1, 3, [0, 4, 7]),
                                                    (2, 2, [0, 7]), (1, 2, [0, 7])])
 def test_interpolated_plan_agrees_with_the_full_plan_on_the_toy(bits, blocks, chosen):
-    full_ctl, full = _probe(8, bits=bits, probe="full")
-    cheap_ctl, cheap = _probe(8, bits=bits, probe="cheap", probe_blocks=blocks)
+    full_ctl, full = probe_tiny_llama(8, bits=bits, probe="full")
+    cheap_ctl, cheap = probe_tiny_llama(8, bits=bits, probe="cheap", probe_blocks=blocks)
     assert full.bits.keys() == cheap.bits.keys()
-    same = sum(full.numel[k] for k in full.bits if full.bits[k] == cheap.bits[k])
-    assert same / sum(full.numel.values()) >= 0.9
+    assert full.agreement(cheap) >= 0.9
     assert abs(cheap.average_bits() - full.average_bits()) < 0.1
     f, c = full_ctl.probe_cost.history[-1], cheap_ctl.probe_cost.history[-1]
     # 2 or 3 of 8 blocks probed (plus the tensors outside the stack): under half the jobs
@@ -67,14 +58,14 @@ def test_cheap_round_is_the_full_statistic():
     """Every block probed, passes restarted at block outputs: the same plan as the full
     round, from fewer backward FLOPs."""
     assert alam_dist.ALAMConfig().probe_blocks is None
-    _, full = _probe(6, bits=1, probe="full")
-    ctl, cheap = _probe(6, bits=1, probe="cheap")
+    _, full = probe_tiny_llama(6, bits=1, probe="full")
+    ctl, cheap = probe_tiny_llama(6, bits=1, probe="cheap")
     assert cheap.bits == full.bits
     assert ctl.probe_cost.history[-1]["probed_blocks"] == list(range(6))
 
 
 def test_cheap_round_keeps_only_probed_blocks_exact_and_releases_them():
-    ctl, _ = _probe(6, bits=1, probe="cheap", probe_blocks=2)
+    ctl, _ = probe_tiny_llama(6, bits=1, probe="cheap", probe_blocks=2)
     assert ctl.policy.recorded_exact() == {}  # nothing pinned after the round
     assert ctl.policy.record_exact is None
 
@@ -94,7 +85,7 @@ def test_slice_inputs_cuts_samples_only():
 
 
 def test_probe_cost_in_step_equivalents():
-    ctl, _ = _probe(2, bits=2)
+    ctl, _ = probe_tiny_llama(2, bits=2)
     assert ctl.memory_report()["probe_cost"]["step_equivalents"] is None  # no step timed yet
     for seconds in (0.5, 0.1, 0.2):
         ctl.note_step_seconds(seconds)
