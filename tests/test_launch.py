@@ -337,12 +337,45 @@ def test_config_only_typo_fails_loudly_and_switch_turns_it_off(config_only_runs)
 
 
 @pytest.mark.slow
+def make_inner_venv(where: Path) -> Path:
+    """A new virtual environment that sees this interpreter's packages (torch, deepspeed)
+    but not its alam_dist; returns its python.
+
+    ``venv --system-site-packages`` alone links the *base* interpreter's site-packages:
+    run from a venv (or a conda env made with venv), the packages of the environment the
+    tests run in would be missing. So this environment's own site directories are added
+    as plain path lines in a .pth: their packages become importable, while their own .pth
+    files -- an editable alam_dist, the outer config-only hook -- are not processed, so the
+    inner install is the only alam_dist there."""
+    import sysconfig
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(where)], check=True)
+    py = where / "bin" / "python"
+    inner = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    outer = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
+    (Path(inner) / "zz_outer_environment.pth").write_text("".join(f"{p}\n" for p in outer))
+    return py
+
+
+def test_inner_venv_sees_this_environments_packages(tmp_path):
+    """make_inner_venv works from a venv, a conda env and a system python alike: whatever
+    this interpreter imports deepspeed from, the inner one imports it from there too."""
+    import deepspeed
+    py = make_inner_venv(tmp_path / "venv")
+    code = ("import importlib.util, deepspeed; print(deepspeed.__file__); "
+            "print(importlib.util.find_spec('alam_dist') is None)")
+    out = subprocess.run([str(py), "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    where, no_alam = out.stdout.strip().splitlines()[-2:]
+    assert Path(where).resolve() == Path(deepspeed.__file__).resolve()
+    assert no_alam == "True"  # the outer (editable) alam_dist is not visible inside
+
+
 def test_regular_install_in_a_fresh_venv_carries_the_hook(tmp_path):
     """pip install . (not editable) into a new virtual environment: the .pth is there,
     wraps deepspeed.initialize, and pip uninstall removes it."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    py = venv / "bin" / "python"
+    py = make_inner_venv(tmp_path / "venv")
     env = dict(os.environ, ALAM_NO_CUDA="1")  # the C++ kernels suffice here: a faster build
     env.pop("ALAM_REQUIRE_CUDA", None)  # CI sets it for its own build
     proc = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(ROOT)],
