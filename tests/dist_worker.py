@@ -24,6 +24,7 @@ import deepspeed  # noqa: E402
 import alam_dist.deepspeed as ads  # noqa: E402
 from tests.helpers import tiny_llama, token_batch  # noqa: E402
 from tests.multiproc import install_fault, run_scenarios  # noqa: E402
+from tests.step_probes import SyncCounter, live_step_objects  # noqa: E402
 
 
 def ds_config(sc: dict) -> dict:
@@ -106,8 +107,18 @@ def run(sc: dict, rank: int, world: int) -> dict:
             step_loss += float(loss.detach()) / ga
         losses.append(step_loss)
         step_times.append(time.perf_counter() - start)
+    if sc.get("count_syncs"):  # one more step, watched: host syncs, and what outlives it
+        x = token_batch(sc.get("micro_batch", 2), sc.get("seq", 32), seed=999 + rank)
+        with SyncCounter() as counter:
+            loss = engine(input_ids=x, labels=x).loss
+            engine.backward(loss)
+            engine.step()
+        del loss
+        out_syncs = {"syncs": dict(counter.counts), "sync_sites": counter.where, "alive_after_step": live_step_objects()}
     out = {"losses": losses, "step_seconds": step_times, "checksum": full_param_checksum(engine),
            "global_steps": engine.global_steps}
+    if sc.get("count_syncs"):
+        out.update(out_syncs)
     if hasattr(engine, "alam"):
         ctl = engine.alam.controller
         out["plan_digest"] = ctl.plan.digest() if ctl.plan else None

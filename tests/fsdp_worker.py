@@ -28,6 +28,7 @@ import alam_dist  # noqa: E402
 import alam_dist.fsdp  # noqa: E402
 from tests.helpers import tiny_llama, token_batch  # noqa: E402
 from tests.multiproc import install_fault, run_scenarios  # noqa: E402
+from tests.step_probes import SyncCounter, live_step_objects  # noqa: E402
 
 
 def build(sc: dict) -> torch.nn.Module:
@@ -146,7 +147,17 @@ def run(sc: dict, rank: int, world: int) -> dict:
         opt.zero_grad()
         losses.append(step_loss)
         step_seconds.append(time.perf_counter() - start)
-    out = {"losses": losses, "step_seconds": step_seconds, "checksum": full_param_checksum(model),
+    watched = {}
+    if sc.get("count_syncs"):  # one more step, watched: host syncs, and what outlives it
+        x = token_batch(sc.get("micro_batch", 2), sc.get("seq", 32), seed=999 + rank)
+        with SyncCounter() as counter:
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        del loss
+        watched = {"syncs": dict(counter.counts), "sync_sites": counter.where, "alive_after_step": live_step_objects()}
+    out = {**watched, "losses": losses, "step_seconds": step_seconds, "checksum": full_param_checksum(model),
            "param_types": sorted({type(p).__name__ for p in model.parameters()})}
     if ctl is not None:
         out["plan_digest"] = ctl.plan.digest() if ctl.plan else None

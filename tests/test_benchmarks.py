@@ -51,3 +51,16 @@ def test_compare_and_memory_model_smoke(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert tables.returncode == 0, tables.stderr[-3000:]
     assert "| alam_1 |" in tables.stdout and "| none |" in tables.stdout
+
+
+@pytest.mark.slow
+def test_plans_of_the_fidelity_models_are_unchanged():
+    """The plans the tiny LLaMA gets (every probe round, both families, budgets 4/2/1)
+    have the digests recorded in docs/results/plan_digests.json. A change meant to change
+    plans updates that file (python benchmarks/plan_digests.py --out ...); any other change
+    that moves one changed behaviour by accident."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plan_digests.py"),
+                           "--models", "tiny", "--compare",
+                           str(ROOT / "docs" / "results" / "plan_digests.json")],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert "18 of 18 plan digests unchanged" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]

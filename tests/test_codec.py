@@ -372,3 +372,38 @@ def test_cuda_tensor_on_another_device_than_the_current_one():
 @needs_cuda
 def test_cuda_device_check_reports_usable_kernels():
     assert codec.cuda_unusable_reason(torch.device("cuda")) is None
+
+
+@needs_cpp
+def test_the_registry_sizes_match_the_kernels_c_abi():
+    """One source for buffer sizes: the registry (alam_dist/codec/formats.py) agrees with
+    the kernel library's own size functions (csrc/common/sizes.cpp) for every format."""
+    from alam_dist import _native
+    from alam_dist.codec.formats import GROUP, REGISTRY
+    abi = _native.cpu
+    for fmt in REGISTRY.values():
+        for n in [*ODD_SIZES, 65536, 1 << 20 | 3]:
+            if fmt.rotated:
+                assert fmt.payload_bytes(n) == abi.rotated_payload_bytes(n, fmt.kernel_bits), (fmt, n)
+                assert fmt.num_groups(n) == -(-n // GROUP)
+            else:
+                assert fmt.payload_bytes(n) == abi.payload_bytes(n, fmt.kernel_bits), (fmt, n)
+                assert fmt.num_groups(n) == abi.num_groups(n, fmt.kernel_bits), (fmt, n)
+            packed = codec.encode(_sample(n, torch.float32), fmt.bits,
+                                  formats="rotated" if fmt.rotated else "minmax")
+            assert packed.nbytes == fmt.payload_bytes(n) + fmt.meta_bytes(n)
+
+
+def test_stored_bits_per_family_and_the_old_family_name():
+    from alam_dist.codec.formats import family, stored_bits
+    assert family("seed") == "minmax" and family("rotated") == "rotated"
+    with pytest.raises(ValueError, match="'minmax', 'rotated', 'seed'"):
+        family("hadamard")
+    assert stored_bits(0.5, 32, "minmax") == 0.5 + 64 / 512 == stored_bits(0.5, 32, "rotated")
+    assert stored_bits(2, 32, "minmax") == 2.5 and stored_bits(2, 32, "rotated") == 2.25
+    assert stored_bits(1, 32, "rotated") == 1.25
+    assert stored_bits(16, 32) == 16 and stored_bits(16, 16) == 16 and stored_bits(8, 16) == 8.5
+    # bits=1 means one thing per family: the sign code (rotated), AQ's alias (minmax)
+    x = _sample(1000, torch.float32)
+    assert codec.encode(x, 1, formats="rotated").format == "h1"
+    assert codec.encode(x, 1, formats="seed").format == "aq" == codec.encode(x, 0.5).format

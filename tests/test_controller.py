@@ -337,12 +337,15 @@ def test_reallocate_replans_from_the_last_probe_without_probing():
 
 def test_format_family_config_and_plans(tmp_path):
     assert ALAMConfig().formats == "rotated" and ALAMConfig().ladder == (32, 8, 4, 2, 1, 0.5)
+    assert ALAMConfig(formats="minmax").ladder == (32, 8, 4, 2, 0.5)
+    # "seed", the family's old name, is still accepted and means "minmax"
+    assert ALAMConfig(formats="seed").formats == "minmax"
     assert ALAMConfig(formats="seed").ladder == (32, 8, 4, 2, 0.5)
     with pytest.raises(ValueError, match="formats"):
         ALAMConfig.from_dict({"formats": "hadamard"})
     with pytest.raises(ValueError, match="attention"):
         ALAMConfig.from_dict({"attention": "flash"})
-    with pytest.raises(ValueError, match="ladder entries.*'seed'"):
+    with pytest.raises(ValueError, match="ladder entries.*'minmax'"):
         ALAMConfig.from_dict({"formats": "seed", "ladder": [32, 2, 1]})
     # A plan records its family; using it with the other one is refused with the fix.
     x = token_batch(2, 32)

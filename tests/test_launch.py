@@ -449,3 +449,29 @@ def test_fsdp_launch_trains_and_resumes_exactly(fsdp_runs):
     three = _metrics(fsdp_runs["three_ranks"][1])
     assert len(three) == 2 and all(m["loss"] == m["loss"] for m in three)
 
+
+
+@pytest.mark.slow
+def test_fsdp_resume_exits_cleanly_every_time_under_load(fsdp_runs, tmp_path):
+    """The resume-and-exit path, three more times, with the cores busy: every rank of
+    every run exits 0 (an exit-time abort once failed a run that had trained correctly:
+    launch/train.py's end_process says why) and trains the same steps as the straight run."""
+    _check(fsdp_runs["first_half"][0])
+    straight = [m["loss"] for m in _metrics(fsdp_runs["straight"][1])]
+    half = fsdp_runs["first_half"][1]
+    load = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        for i in range(3):
+            out = tmp_path / f"resume{i}"
+            shutil.copytree(half, out)
+            lines = (out / "metrics.jsonl").read_text().splitlines()[:3]  # as saved at step 3
+            (out / "metrics.jsonl").write_text("".join(f"{line}\n" for line in lines))
+            proc = _torchrun([str(TRAIN), "--fsdp", "--deepspeed", str(half.parent / "fsdp.json"),
+                              *TINY, "--output_dir", str(out), "--resume"])
+            assert proc.returncode == 0, f"run {i}: " + proc.stdout[-2000:] + proc.stderr[-4000:]
+            assert "terminate called" not in proc.stderr
+            assert [m["loss"] for m in _metrics(out)] == straight
+    finally:
+        for p in load:
+            p.kill()
+            p.wait()

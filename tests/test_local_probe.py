@@ -7,7 +7,7 @@ import torch
 
 import alam_dist
 from alam_dist import local_probe
-from alam_dist.local_probe import BELOW, LocalJobResult, LocalRound, finish, rhos
+from alam_dist.probe.local import BELOW, LocalJobResult, LocalRound, finish, rhos
 from tests.helpers import probe_tiny_llama, tiny_llama, token_batch
 
 pytest.importorskip("transformers")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import alam_dist
-from alam_dist.blocks import BlockStack, find_blocks, interpolate
+from alam_dist.probe.blocks import BlockStack, find_blocks, interpolate
 from alam_dist.controller import slice_inputs
 from tests.helpers import probe_tiny_llama, tiny_llama, token_batch
 
@@ -104,7 +104,7 @@ def test_bad_probe_config_is_refused():
 
 def _scan_allocate(sensitivity, numel, raw_bits, budget, ladder, error_ratio, floors):
     """The allocator's rule written as a plain scan for the minimum: the oracle."""
-    from alam_dist.allocation import _ladder_for, stored_bits, variance_weight
+    from alam_dist.plan import _ladder_for, stored_bits, variance_weight
     keys = sorted(numel)
     steps = {k: _ladder_for(raw_bits[k], ladder, floors.get(k, 0.0)) for k in keys}
     level = {k: 0 for k in keys}
@@ -132,7 +132,7 @@ def _scan_allocate(sensitivity, numel, raw_bits, budget, ladder, error_ratio, fl
 
 def test_heap_allocator_matches_the_scan_oracle():
     import random
-    from alam_dist.allocation import allocate
+    from alam_dist.plan import allocate
     rng = random.Random(0)
     for _ in range(15):
         keys = [f"k{i:03d}" for i in range(rng.randint(1, 200))]

@@ -10,9 +10,10 @@
     >>> y.shape, y.dtype
     (torch.Size([4096]), torch.bfloat16)
 
-``formats`` picks the family the numbers of ``bits`` name:
+``formats`` picks the family the numbers of ``bits`` name (the registry:
+alam_dist/codec/formats.py):
 
-* ``"seed"`` (the ALAM paper's): 0.5 (average quantization: means of 4 values at 2 bits;
+* ``"minmax"`` (the ALAM paper's; ``"seed"`` is the old spelling): 0.5 (average quantization: means of 4 values at 2 bits;
   the seed's alias ``1`` is accepted), 2, 4, 8 (stochastic rounding in groups of 128
   with fp32 min and scale);
 * ``"rotated"``: 1, 2, 4, 8 (each group of 128 sign-flipped and Walsh-Hadamard rotated,
@@ -29,145 +30,41 @@ give bit-identical results for the same seed.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from alam_dist import _native
-from alam_dist.codec import reference
+from alam_dist.codec import backends, formats as _formats
+from alam_dist.codec.backends import FLOAT_CODES as _FLOAT_CODES
+from alam_dist.codec.formats import (FAMILIES, REGISTRY, allowed_bits, family, format_for,
+                                     normalize_bits)
 from alam_dist.codec.packed import PackedTensor
 
-__all__ = ["ALLOWED_BITS", "FORMATS", "ROTATED_ALLOWED_BITS", "PackedTensor", "allowed_bits", "available_backends", "cuda_unusable_reason", "decode",
-           "encode", "validate"]
+__all__ = ["ALLOWED_BITS", "FAMILIES", "FORMATS", "ROTATED_ALLOWED_BITS", "PackedTensor",
+           "allowed_bits", "available_backends", "cuda_unusable_reason", "decode", "encode",
+           "family", "normalize_bits", "validate"]
 
-ALLOWED_BITS = (0.5, 2, 4, 8, 16, 32)
-"""Valid ``bits`` values of the seed formats (plus ``1``, the seed code's alias for 0.5)."""
-ROTATED_ALLOWED_BITS = (0.5, 1, 2, 4, 8, 16, 32)
+ALLOWED_BITS = allowed_bits("minmax")
+"""Valid ``bits`` values of the minmax formats (plus ``1``, the seed code's alias for 0.5)."""
+ROTATED_ALLOWED_BITS = allowed_bits("rotated")
 """Valid ``bits`` values of the rotated formats."""
-FORMATS = ("seed", "rotated")
-
-BACKENDS = ("auto", "reference", "cpp", "cuda")
-_QUANT_FORMATS = {0.5: "aq", 2: "q2", 4: "q4", 8: "q8"}
-_KERNEL_BITS = {"aq": 0, "q2": 2, "q4": 4, "q8": 8}
-_ROTATED = {"h1": 1, "h2": 2, "h4": 4, "h8": 8}
-_FLOAT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+FORMATS = FAMILIES  # the family names (the old spelling "seed" is accepted too)
+BACKENDS = backends.BACKENDS
 _MASK_DTYPES = (torch.bool, torch.uint8)
 
-
-def allowed_bits(formats: str = "seed") -> tuple[float, ...]:
-    """The ``bits`` values a format family accepts."""
-    if formats not in FORMATS:
-        raise ValueError(f"formats={formats!r}; choose one of {FORMATS}")
-    return ROTATED_ALLOWED_BITS if formats == "rotated" else ALLOWED_BITS
-
-
-def normalize_bits(bits: float, formats: str = "seed") -> float:
-    """Validate ``bits`` for ``formats`` (for "seed", map the alias 1 to 0.5)."""
-    allowed = allowed_bits(formats)
-    if isinstance(bits, bool) or not isinstance(bits, (int, float)):
-        raise ValueError(f"bits must be a number in {allowed}, got {bits!r}")
-    if bits == 1 and formats == "seed":
-        return 0.5
-    if bits not in allowed:
-        alias = " (1 is accepted as an alias of 0.5)" if formats == "seed" else ""
-        raise ValueError(f"bits={bits!r} is not a supported {formats} format; allowed values "
-                         f"are {allowed}{alias}")
-    return float(bits) if bits == 0.5 else int(bits)
-
-
-def available_backends() -> dict[str, bool]:
-    """Which backends this installation can run (CUDA also needs a visible device)."""
-    return {
-        "reference": True,
-        "cpp": _native.cpu is not None,
-        "cuda": _native.cuda is not None and torch.cuda.is_available()
-        and cuda_unusable_reason(torch.device("cuda")) is None,
-    }
-
-
-_CUDA_UNUSABLE: dict[int, str] = {}  # device index -> why the kernels cannot run there
-_CUDA_CHECKED: set[int] = set()
-_WARNED: set[int] = set()  # devices the auto fallback already warned about
-
-
-def _device_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
-def cuda_unusable_reason(device: torch.device) -> str | None:
-    """Why this build's CUDA kernels cannot run on ``device`` (None when they can).
-
-    Checked once per device, without launching anything: a GPU newer than every
-    embedded image whose PTX the driver cannot compile, or a driver older than the
-    CUDA runtime linked in, is found here instead of at the first launch in training.
-    """
-    if _native.cuda is None:
-        return f"alam_dist was installed without CUDA kernels ({_native.cuda_error})"
-    index = _device_index(device)
-    if index not in _CUDA_CHECKED:
-        code, message = _native.cuda.check_device(index)
-        if code:
-            _CUDA_UNUSABLE[index] = (f"the CUDA kernels cannot run on cuda:{index} "
-                                     f"({torch.cuda.get_device_name(index)}): {message}")
-        _CUDA_CHECKED.add(index)
-    return _CUDA_UNUSABLE.get(index)
-
-
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
-    if backend == "auto":
-        if device.type == "cuda" and _native.cuda is not None:
-            reason = cuda_unusable_reason(device)
-            if reason is None:
-                return "cuda"
-            if _device_index(device) not in _WARNED:
-                _WARNED.add(_device_index(device))
-                warnings.warn(f"alam_dist: {reason}; using the (slower) reference codec on "
-                              "this device. Rebuild with ALAM_CUDA_ARCH including this GPU's "
-                              "architecture, or update the NVIDIA driver.", stacklevel=3)
-            return "reference"
-        if device.type == "cpu" and _native.cpu is not None:
-            return "cpp"
-        return "reference"
-    if backend == "cpp":
-        if _native.cpu is None:
-            raise RuntimeError("backend='cpp' requested but alam_dist's C++ kernels are not "
-                               f"built ({_native.cpu_error}); reinstall with `pip install -e .` "
-                               "without ALAM_NO_NATIVE, or use backend='reference'")
-        if device.type != "cpu":
-            raise ValueError(f"backend='cpp' runs on CPU tensors; this one is on {device}")
-    if backend == "cuda":
-        if _native.cuda is None:
-            raise RuntimeError("backend='cuda' requested but alam_dist was installed without "
-                               f"CUDA kernels ({_native.cuda_error}); reinstall where nvcc is "
-                               "found (set CUDA_HOME), or use backend='reference'")
-        if device.type != "cuda":
-            raise ValueError(f"backend='cuda' runs on CUDA tensors; this one is on {device}")
-        reason = cuda_unusable_reason(device)
-        if reason is not None:
-            raise RuntimeError(f"backend='cuda': {reason}; use backend='auto' (falls back to "
-                               "the reference codec) or rebuild for this GPU")
-    return backend
-
-
-
-def _cuda_target(device: torch.device) -> tuple[int, int]:
-    """(stream handle, device index): kernels run on the tensor's device, on that
-    device's current stream, whichever device is current in the caller."""
-    index = _device_index(device)
-    return torch.cuda.current_stream(index).cuda_stream, index
+available_backends = backends.available
+cuda_unusable_reason = backends.cuda_unusable_reason
 
 
 def _is_mask(x: torch.Tensor) -> bool:
+    """bool, or uint8 holding only 0/1. The uint8 test reads the tensor (a host sync on a
+    GPU): training never gets here with uint8 -- the saved-tensor policy keeps non-float,
+    non-bool tensors as they are -- only direct calls of :func:`encode` do."""
     if x.dtype == torch.bool:
         return True
-    # A uint8 tensor is packed only when it is a 0/1 mask; anything else is kept raw.
     return x.dtype == torch.uint8 and (x.numel() == 0 or int(x.max()) <= 1)
 
 
 def encode(x: torch.Tensor, bits: float, *, seed: int = 0, backend: str = "auto",
-           formats: str = "seed") -> PackedTensor:
+           formats: str = "minmax") -> PackedTensor:
     """Encode ``x`` in the format ``bits`` of the family ``formats`` (module docstring).
 
     ``seed`` (any int, taken mod 2**64) fixes the stochastic rounding (and, for rotated
@@ -177,77 +74,32 @@ def encode(x: torch.Tensor, bits: float, *, seed: int = 0, backend: str = "auto"
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"encode expects a torch.Tensor, got {type(x).__name__}")
-    fmt_bits = normalize_bits(bits, formats)
+    plan_bits = normalize_bits(bits, formats)
     seed = int(seed) & ((1 << 64) - 1)
     shape, dtype, device = x.shape, x.dtype, x.device
     if x.dtype in _MASK_DTYPES:
         if not _is_mask(x):
             return PackedTensor("raw", shape, dtype, device, x)
-        return _encode_mask(x, shape, dtype, device, backend)
+        flat = x.detach().reshape(-1).contiguous()
+        payload = backends.resolve(backend, device).pack_mask(flat)
+        return PackedTensor(_formats.MASK, shape, dtype, device, payload)
     if x.dtype not in _FLOAT_CODES:
-        if fmt_bits == 32:
+        if plan_bits == 32:
             return PackedTensor("raw", shape, dtype, device, x)
         raise ValueError(f"cannot encode dtype {x.dtype} at bits={bits}: the quantized formats "
                          "take float32, bfloat16 or float16 (and bool/uint8 masks); "
                          "use bits=32 to keep it as is")
-    if fmt_bits == 32 or (fmt_bits == 16 and x.dtype != torch.float32):
+    if plan_bits == 32 or (plan_bits == 16 and x.dtype != torch.float32):
         return PackedTensor("raw", shape, dtype, device, x)
-    if fmt_bits == 16:
+    if plan_bits == 16:
         return PackedTensor("bf16", shape, dtype, device, x.to(torch.bfloat16))
+    fmt = format_for(plan_bits, formats)
     flat = x.detach().reshape(-1)
     if not flat.is_contiguous():
         flat = flat.contiguous()
-    n = flat.numel()
-    resolved = _resolve_backend(backend, device)
-    if formats == "rotated" and fmt_bits != 0.5:
-        return _encode_rotated(flat, int(fmt_bits), seed, shape, dtype, device, resolved)
-    fmt = _QUANT_FORMATS[fmt_bits]
-    kbits = _KERNEL_BITS[fmt]
-    if resolved == "reference":
-        payload, meta = reference.quantize(flat, kbits, seed)
-    else:
-        payload = torch.empty(reference.payload_bytes(n, kbits), dtype=torch.uint8, device=device)
-        meta = torch.empty(reference.num_groups(n, kbits), 2, dtype=torch.float32, device=device)
-        args = (flat.data_ptr(), _FLOAT_CODES[dtype], n, kbits, seed, payload.data_ptr(),
-                meta.data_ptr())
-        if resolved == "cpp":
-            _native.cpu.quantize(*args)
-        else:
-            _native.cuda.quantize(*args, *_cuda_target(device))
-    return PackedTensor(fmt, shape, dtype, device, payload, meta)
-
-
-def _encode_rotated(flat, bits, seed, shape, dtype, device, resolved) -> PackedTensor:
-    n = flat.numel()
-    if resolved == "reference":
-        payload, meta = reference.quantize_rotated(flat, bits, seed)
-    else:
-        payload = torch.empty(reference.rotated_payload_bytes(n, bits), dtype=torch.uint8,
-                              device=device)
-        meta = torch.empty(reference.num_groups(n, bits), 2, dtype=torch.bfloat16, device=device)
-        args = (flat.data_ptr(), _FLOAT_CODES[dtype], n, bits, seed, payload.data_ptr(),
-                meta.data_ptr())
-        if resolved == "cpp":
-            _native.cpu.quantize_rotated(*args)
-        else:
-            _native.cuda.quantize_rotated(*args, *_cuda_target(device))
-    return PackedTensor(f"h{bits}", shape, dtype, device, payload, meta, seed=seed)
-
-
-def _encode_mask(x, shape, dtype, device, backend) -> PackedTensor:
-    flat = x.detach().reshape(-1).contiguous()
-    resolved = _resolve_backend(backend, device)
-    if resolved == "reference":
-        payload = reference.pack_mask(flat)
-    else:
-        n = flat.numel()
-        payload = torch.empty((n + 7) // 8, dtype=torch.uint8, device=device)
-        src = flat.view(torch.uint8)  # bool is one byte holding 0 or 1
-        if resolved == "cpp":
-            _native.cpu.pack_mask(src.data_ptr(), n, payload.data_ptr())
-        else:
-            _native.cuda.pack_mask(src.data_ptr(), n, payload.data_ptr(), *_cuda_target(device))
-    return PackedTensor("mask", shape, dtype, device, payload)
+    payload, meta = backends.resolve(backend, device).quantize(flat, fmt, seed)
+    return PackedTensor(fmt.name, shape, dtype, device, payload, meta,
+                        seed=seed if fmt.rotated else 0)
 
 
 def _check_buffer(what: str, t, dtype: torch.dtype, numel: int, packed: PackedTensor,
@@ -272,31 +124,23 @@ def _check_buffer(what: str, t, dtype: torch.dtype, numel: int, packed: PackedTe
 def validate(packed: PackedTensor) -> None:
     """Check that ``packed``'s buffers fit its format, shape and device (ValueError if
     not): the kernels read raw pointers and would otherwise read out of bounds."""
-    fmt, n = packed.format, packed.numel
-    if fmt == "raw":  # the tensor itself, in whatever layout autograd saved it
+    name, n = packed.format, packed.numel
+    if name == "raw":  # the tensor itself, in whatever layout autograd saved it
         _check_buffer("data", packed.data, packed.dtype, n, packed, contiguous=False)
-    elif fmt == "bf16":
+    elif name == "bf16":
         _check_buffer("data", packed.data, torch.bfloat16, n, packed)
-    elif fmt == "mask":
+    elif name == _formats.MASK:
         _check_buffer("payload", packed.data, torch.uint8, (n + 7) // 8, packed)
-    elif fmt in _KERNEL_BITS:
+    elif name in REGISTRY:
+        fmt = REGISTRY[name]
         if packed.dtype not in _FLOAT_CODES:
             raise ValueError(f"cannot decode {packed!r}: dtype {packed.dtype} is not a "
                              "quantizable float dtype")
-        kbits = _KERNEL_BITS[fmt]
-        _check_buffer("payload", packed.data, torch.uint8, reference.payload_bytes(n, kbits), packed)
-        _check_buffer("meta", packed.meta, torch.float32, 2 * reference.num_groups(n, kbits), packed)
-    elif fmt in _ROTATED:
-        if packed.dtype not in _FLOAT_CODES:
-            raise ValueError(f"cannot decode {packed!r}: dtype {packed.dtype} is not a "
-                             "quantizable float dtype")
-        bits = _ROTATED[fmt]
-        _check_buffer("payload", packed.data, torch.uint8,
-                      reference.rotated_payload_bytes(n, bits), packed)
-        _check_buffer("meta", packed.meta, torch.bfloat16, 2 * reference.num_groups(n, bits), packed)
+        _check_buffer("payload", packed.data, torch.uint8, fmt.payload_bytes(n), packed)
+        _check_buffer("meta", packed.meta, fmt.meta_dtype, 2 * fmt.num_groups(n), packed)
     else:
-        raise ValueError(f"cannot decode {packed!r}: unknown format {fmt!r} (known: "
-                         f"{sorted(_KERNEL_BITS) + sorted(_ROTATED) + ['bf16', 'mask', 'raw']})")
+        raise ValueError(f"cannot decode {packed!r}: unknown format {name!r} (known: "
+                         f"{sorted(REGISTRY) + ['bf16', 'mask', 'raw']})")
 
 
 def decode(packed: PackedTensor, *, backend: str = "auto") -> torch.Tensor:
@@ -304,48 +148,16 @@ def decode(packed: PackedTensor, *, backend: str = "auto") -> torch.Tensor:
     if not isinstance(packed, PackedTensor):
         raise TypeError(f"decode expects a PackedTensor, got {type(packed).__name__}")
     validate(packed)
-    fmt, n = packed.format, packed.numel
-    if fmt == "raw":
+    name, n = packed.format, packed.numel
+    if name == "raw":
         return packed.data
-    if fmt == "bf16":
+    if name == "bf16":
         return packed.data.to(packed.dtype)
-    resolved = _resolve_backend(backend, packed.device)
-    if fmt == "mask":
-        if resolved == "reference":
-            out = reference.unpack_mask(packed.data, n)
-        else:
-            out = torch.empty(n, dtype=torch.uint8, device=packed.device)
-            if resolved == "cpp":
-                _native.cpu.unpack_mask(packed.data.data_ptr(), n, out.data_ptr())
-            else:
-                _native.cuda.unpack_mask(packed.data.data_ptr(), n, out.data_ptr(),
-                                         *_cuda_target(packed.device))
+    impl = backends.resolve(backend, packed.device)
+    if name == _formats.MASK:
+        out = impl.unpack_mask(packed.data, n)
         if packed.dtype == torch.bool:
             out = out.view(torch.bool)
         return out.view(packed.shape)
-    if fmt in _ROTATED:
-        bits = _ROTATED[fmt]
-        if resolved == "reference":
-            out = reference.dequantize_rotated(packed.data, packed.meta, n, bits, packed.seed,
-                                               packed.dtype)
-        else:
-            out = torch.empty(n, dtype=packed.dtype, device=packed.device)
-            args = (packed.data.data_ptr(), packed.meta.data_ptr(), n, bits, packed.seed,
-                    _FLOAT_CODES[packed.dtype], out.data_ptr())
-            if resolved == "cpp":
-                _native.cpu.dequantize_rotated(*args)
-            else:
-                _native.cuda.dequantize_rotated(*args, *_cuda_target(packed.device))
-        return out.view(packed.shape)
-    kbits = _KERNEL_BITS[fmt]
-    if resolved == "reference":
-        out = reference.dequantize(packed.data, packed.meta, n, kbits, packed.dtype)
-    else:
-        out = torch.empty(n, dtype=packed.dtype, device=packed.device)
-        args = (packed.data.data_ptr(), packed.meta.data_ptr(), n, kbits,
-                _FLOAT_CODES[packed.dtype], out.data_ptr())
-        if resolved == "cpp":
-            _native.cpu.dequantize(*args)
-        else:
-            _native.cuda.dequantize(*args, *_cuda_target(packed.device))
+    out = impl.dequantize(packed.data, packed.meta, n, REGISTRY[name], packed.seed, packed.dtype)
     return out.view(packed.shape)

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import torch
 
-GROUP = 128
-AQ_AVG = 4
+from alam_dist.codec.formats import AQ_AVG, GROUP, REGISTRY
+
+_BY_KERNEL_BITS = {f.kernel_bits: f for f in REGISTRY.values() if not f.rotated}
 _M32 = 0xFFFFFFFF
 
 NAN_BITS = {torch.float32: 0x7FC00000, torch.bfloat16: 0x7FC0, torch.float16: 0x7E00}
@@ -90,15 +91,8 @@ def hash_uniform(seed: int, index: torch.Tensor) -> torch.Tensor:
 
 
 def num_values(n: int, bits: int) -> int:
-    return -(-n // AQ_AVG) if bits == 0 else n
-
-
-def num_groups(n: int, bits: int) -> int:
-    return -(-num_values(n, bits) // GROUP)
-
-
-def payload_bytes(n: int, bits: int) -> int:
-    return -(-num_values(n, bits) * (bits or 2) // 8)
+    """Values quantized for ``n`` elements at kernel code ``bits`` (sizes: codec.formats)."""
+    return _BY_KERNEL_BITS[bits].values(n)
 
 
 def average(x: torch.Tensor) -> torch.Tensor:
@@ -259,10 +253,6 @@ def _bf16_bits_nearest(x: torch.Tensor) -> torch.Tensor:
 
 def _bf16_from_bits(bits: torch.Tensor) -> torch.Tensor:
     return (bits.to(torch.int32) << 16).view(torch.float32)
-
-
-def rotated_payload_bytes(n: int, bits: int) -> int:
-    return -(-n // GROUP) * GROUP * bits // 8
 
 
 def quantize_rotated(x: torch.Tensor, bits: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
