@@ -21,41 +21,26 @@ Seed-compatible use (also available as ``import alam``)::
 """
 from __future__ import annotations
 
-import collections
-import dataclasses
 import json
 import logging
-import math
-import statistics
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from alam_dist.config import ALAMConfig
-from alam_dist.dist import Collective, RankFlag
+from alam_dist.dist import Collective, MismatchCheck
 from alam_dist.plan import Plan, PlanMismatchError, allocate
-from alam_dist.policy import SavedTensorPolicy, StepStats, key_seed, model_fingerprint
+from alam_dist.policy import SavedTensorPolicy, key_seed, model_fingerprint
 from alam_dist.probe import RoundContext, RoundOutcome, run_round
 from alam_dist.probe.blocks import find_blocks
+from alam_dist.probe.inputs import loss_of, slice_inputs  # noqa: F401 (loss_of: old import path)
 from alam_dist.probe.watchdog import ProbeWatchdog
+from alam_dist.report import (ProbeCost, SavedActivationMeter, StepClock,  # noqa: F401
+                             probe_cost_report, stats_report)
 
 log = logging.getLogger("alam_dist")
-
-
-@dataclass
-class ProbeCost:
-    rounds: int = 0
-    jobs: int = 0
-    forward_passes: int = 0
-    backward_passes: int = 0
-    padding_passes: int = 0
-    """Passes whose results are dropped: they keep a rank with fewer jobs in step with
-    the others' collectives (included in backward_passes)."""
-    seconds: float = 0.0
-    history: list[dict] = field(default_factory=list)
 
 
 def _uniform_bits(budget: float, ladder: tuple[float, ...]) -> float:
@@ -98,12 +83,8 @@ class Controller:
         self._default_bits = _uniform_bits(self.config.bits, self.config.ladder)
         self._mismatch_warned: set[str] = set()
         self._step_mismatches: dict[str, str] = {}
-        # (step, flag, this rank's mismatches) of a step whose cross-rank check is unread
-        self._pending_check: tuple[int, RankFlag, dict[str, str]] | None = None
-        self._step_times: collections.deque[float] = collections.deque(maxlen=50)
-        self._step_seconds: float | None = None
-        self._step_start: float | None = None  # forward_started() / end_step()
-        self._rounds_seen = 0  # probe rounds counted when the last step ended
+        self._mismatches = MismatchCheck(self.collective)
+        self.clock = StepClock()  # forward_started() / end_step()
         if self.config.load_plan_path:
             self.load_plan(self.config.load_plan_path)
 
@@ -351,7 +332,8 @@ class Controller:
         than the one ALAM was applied to): ALAM would be installed and compress nothing."""
         if self.collective.world_size > 1 and self.config.on_plan_mismatch == "error" \
                 and self.policy.installed:
-            self._check_step_mismatches()
+            mine, self._step_mismatches = self._step_mismatches, {}
+            self._mismatches.end_step(self.step, mine)
         s = self.policy.stats
         if self.policy.installed and self.policy.compiled_forward_seen:
             raise RuntimeError(
@@ -370,43 +352,12 @@ class Controller:
         self.policy.stats = type(self._last_stats)()
         self.step += 1
 
-    def _check_step_mismatches(self) -> None:
-        """Whether any rank saved a tensor of this step that was not in the plan: one
-        one-element all-reduce per step on the ranks' device, read without a host sync
-        (:class:`~alam_dist.dist.RankFlag`: at once on the CPU, one step later on GPUs).
-        Only when a flag is set do the ranks gather which keys, and all raise the same
-        error."""
-        if self._pending_check is not None:
-            self._resolve_check(*self._pending_check)
-        mine, self._step_mismatches = self._step_mismatches, {}
-        flag = self.collective.any_rank(bool(mine))
-        self._pending_check = (self.step, flag, mine)
-        if flag.immediate:
-            self._resolve_check(*self._pending_check)
-
-    def _resolve_check(self, step: int, flag: RankFlag, mine: dict[str, str]) -> None:
-        self._pending_check = None
-        if not flag.value():
-            return
-        gathered = self.collective.gather_mismatches(mine)
-        bad = {rank: keys for rank, keys in enumerate(gathered) if keys}
-        detail = "; ".join(f"rank {rank}: " + ", ".join(f"{k!r} {v}" for k, v in
-                                                       list(keys.items())[:3])
-                           + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-                           for rank, keys in bad.items())
-        raise PlanMismatchError(
-            f"training step {step}: saved tensors not in the bit plan on rank(s) "
-            f"{sorted(bad)} ({detail}); they were kept exact for this step. The model's "
-            "forward took a path the plan was not made for. Re-probe (delete "
-            "load_plan_path, or schedule a probe step) or set alam.on_plan_mismatch="
-            "'warn' to keep such tensors exact and go on.")
-
     def memory_report(self, count_nonfinite: bool = True) -> dict:
         """Saved-activation bytes of the last finished step (or the current one).
 
         ``count_nonfinite``: count the compressed tensors that held NaN/inf -- one
         device-to-host read (a sync on GPUs); per-step logging can leave it out."""
-        report = _stats_report(self._last_stats or self.policy.stats, count_nonfinite)
+        report = stats_report(self._last_stats or self.policy.stats, count_nonfinite)
         report["step"] = self.step - 1 if self._last_stats else self.step
         report["plan_average_bits"] = self.plan.average_bits() if self.plan else None
         report["bits"] = dict(self.plan.bits) if self.plan else {}
@@ -414,39 +365,30 @@ class Controller:
         return report
 
     def probe_cost_report(self) -> dict:
-        """Probe rounds so far: passes, seconds, and the same in step-equivalents (probe
-        seconds / the median training step's seconds, when steps were timed)."""
-        cost = dataclasses.asdict(self.probe_cost)
-        cost["step_equivalents"] = (cost["seconds"] / self._step_seconds
-                                    if self._step_seconds else None)
-        return cost
+        """Probe rounds so far: passes, seconds and step-equivalents (alam_dist.report)."""
+        return probe_cost_report(self.probe_cost, self.clock.step_seconds)
 
     def forward_started(self) -> None:
         """Integrations call it at each training forward: the first of a step starts the
         clock :meth:`end_step` reads."""
-        if self._step_start is None:
-            self._step_start = time.perf_counter()
+        self.clock.forward_started()
 
     def end_step(self) -> None:
         """:meth:`step_done` for integrations: a step in which no probe round ran is timed
         (from :meth:`forward_started`), so that probe cost reads in step-equivalents."""
-        if self._step_start is not None and self.probe_cost.rounds == self._rounds_seen:
-            self.note_step_seconds(time.perf_counter() - self._step_start)
-        self._step_start, self._rounds_seen = None, self.probe_cost.rounds
+        self.clock.end_step(self.probe_cost.rounds)
         self.step_done()
 
     def probe_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, tuple[int, int]]:
         """The part of a training forward's inputs a probe round runs on, and its
-        ``batch_share``: cheap rounds take ``probe_batch_fraction`` of the samples
-        (:func:`slice_inputs`), full rounds all of them."""
+        ``batch_share``: local and cheap rounds take ``probe_batch_fraction`` of the
+        samples (:func:`~alam_dist.probe.inputs.slice_inputs`), full rounds all of them."""
         fraction = self.config.probe_batch_fraction if self.config.probe in ("local", "cheap") else 1.0
         return slice_inputs(args, kwargs, fraction)
 
     def note_step_seconds(self, seconds: float) -> None:
-        """Tell the controller how long a (non-probe) training step took; the median of
-        the last 50 turns probe seconds into step-equivalents."""
-        self._step_times.append(seconds)
-        self._step_seconds = statistics.median_high(self._step_times)
+        """Tell the controller how long a (non-probe) training step took."""
+        self.clock.note(seconds)
 
 
 def compiled_modules(model: torch.nn.Module) -> list[str]:
@@ -459,88 +401,6 @@ def compiled_modules(model: torch.nn.Module) -> list[str]:
         if getattr(module, "_compiled_call_impl", None) is not None:
             names.append(name or "<the model>")
     return names
-
-
-def loss_of(output: object) -> torch.Tensor:
-    """The loss in a model's output: the tensor itself, ``.loss`` or ``["loss"]`` (Hugging
-    Face models given labels). Probes need it from the model's own forward."""
-    if isinstance(output, torch.Tensor):
-        return output
-    loss = getattr(output, "loss", None)
-    if loss is None and isinstance(output, dict):
-        loss = output.get("loss")
-    if not isinstance(loss, torch.Tensor):
-        raise ValueError("ALAM probes need the loss from the model's forward: return a loss "
-                         "tensor, or an output with .loss / ['loss'] (e.g. Hugging Face models "
-                         "given labels)")
-    return loss
-
-
-def slice_inputs(args: tuple, kwargs: dict, fraction: float) -> tuple[tuple, dict, tuple[int, int]]:
-    """The first ``ceil(batch * fraction)`` samples of a forward's inputs (at least one):
-    every tensor argument whose first dimension is the batch size (that of the first
-    tensor argument) is cut, the rest passed as is. Samples, not tokens: a token prefix
-    would shrink attention-sized tensors quadratically and skew the sizes the allocator
-    weighs tensors by. A micro-batch of one sample is used whole. Returns the sliced
-    arguments and (kept, total) samples: pass it to :meth:`Controller.probe` as
-    ``batch_share``."""
-    first = next((t for t in (*args, *kwargs.values())
-                  if isinstance(t, torch.Tensor) and t.dim() >= 1), None)
-    if fraction >= 1 or first is None or first.shape[0] <= 1:
-        return args, kwargs, (1, 1)
-    batch = first.shape[0]
-    rows = max(1, math.ceil(batch * fraction))
-
-    def cut(t):
-        if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == batch:
-            return t[:rows]
-        return t
-
-    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}, (rows, batch)
-
-
-def _stats_report(s: StepStats, count_nonfinite: bool = True) -> dict:
-    return {
-        "saved_bytes_raw": s.raw_bytes,
-        "saved_bytes_packed": s.packed_bytes,
-        "ratio": s.raw_bytes / s.packed_bytes if s.packed_bytes else 1.0,
-        "tensors": s.tensors,
-        "kept_exact_bytes": s.exact_bytes,
-        "deduplicated": s.deduplicated,
-        "skipped_weights": s.skipped_weights,
-        "skipped_other": s.skipped_other,
-        "forwards": s.forwards,
-        "nonfinite_tensors": s.nonfinite_tensors() if count_nonfinite else None,
-    }
-
-
-class SavedActivationMeter:
-    """Counts the activations autograd saves, changing nothing: the uncompressed side of
-    an ALAM comparison, with the controller's accounting (weights excluded, shared
-    tensors counted once).
-
-        >>> import torch, alam_dist
-        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU())
-        >>> meter = alam_dist.SavedActivationMeter(model)
-        >>> model(torch.randn(32, 64)).sum().backward()
-        >>> meter.step_done(); meter.memory_report()["saved_bytes_raw"] > 0
-        True
-    """
-
-    def __init__(self, model: torch.nn.Module, *, min_numel: int = 1024):
-        self.policy = SavedTensorPolicy(model, min_numel=min_numel)
-        self.policy.mode = "measure"
-        self.policy.install()
-        self._last: StepStats | None = None
-
-    def step_done(self) -> None:
-        self._last, self.policy.stats = self.policy.stats, StepStats()
-
-    def memory_report(self, count_nonfinite: bool = True) -> dict:
-        return _stats_report(self._last or self.policy.stats, count_nonfinite)
-
-    def uninstall(self) -> None:
-        self.policy.uninstall()
 
 
 # -- seed API: module-level config -----------------------------------------------------------

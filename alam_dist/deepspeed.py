@@ -31,7 +31,8 @@ import torch
 
 from alam_dist.dist import DistributedCollective
 from alam_dist.config import ALAMConfig
-from alam_dist.controller import Controller, loss_of
+from alam_dist.controller import Controller
+from alam_dist.probe.inputs import loss_of
 from alam_dist.plan import Plan
 
 try:

@@ -166,3 +166,41 @@ class DistributedCollective(Collective):
                          + ", ".join(f"{k}: {ref_bits.get(k)} vs {bits.get(k)}" for k in keys[:4]))
         raise PlanMismatchError("ranks hold different ALAM bit plans: " + "; ".join(lines)
                                 + ". Give every rank the same load_plan_path (or none) and model.")
+
+
+class MismatchCheck:
+    """Whether any rank saved a tensor in a step that was not in the plan (kept exact
+    there): one one-element all-reduce per step on the ranks' device, read without a host
+    sync (:class:`RankFlag`: at once on the CPU, one step later on GPUs). Only when a flag
+    is set do the ranks gather which keys, and all raise the same error -- raising on the
+    one rank alone would leave the others waiting in the step's collectives."""
+
+    def __init__(self, collective: Collective):
+        self.collective = collective
+        self._pending: tuple[int, RankFlag, dict[str, str]] | None = None
+
+    def end_step(self, step: int, mismatches: dict[str, str]) -> None:
+        """``mismatches``: this rank's keys of ``step`` not in the plan -> shape and dtype."""
+        if self._pending is not None:
+            self._resolve(*self._pending)
+        flag = self.collective.any_rank(bool(mismatches))
+        self._pending = (step, flag, mismatches)
+        if flag.immediate:
+            self._resolve(*self._pending)
+
+    def _resolve(self, step: int, flag: RankFlag, mine: dict[str, str]) -> None:
+        self._pending = None
+        if not flag.value():
+            return
+        gathered = self.collective.gather_mismatches(mine)
+        bad = {rank: keys for rank, keys in enumerate(gathered) if keys}
+        detail = "; ".join(f"rank {rank}: " + ", ".join(f"{k!r} {v}" for k, v in
+                                                       list(keys.items())[:3])
+                           + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+                           for rank, keys in bad.items())
+        raise PlanMismatchError(
+            f"training step {step}: saved tensors not in the bit plan on rank(s) "
+            f"{sorted(bad)} ({detail}); they were kept exact for this step. The model's "
+            "forward took a path the plan was not made for. Re-probe (delete "
+            "load_plan_path, or schedule a probe step) or set alam.on_plan_mismatch="
+            "'warn' to keep such tensors exact and go on.")

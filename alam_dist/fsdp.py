@@ -41,7 +41,8 @@ import torch.distributed as dist
 
 from alam_dist.dist import DistributedCollective
 from alam_dist.config import ALAMConfig
-from alam_dist.controller import Controller, loss_of
+from alam_dist.controller import Controller
+from alam_dist.probe.inputs import loss_of
 
 try:
     from torch.distributed.fsdp import FSDPModule

@@ -134,7 +134,7 @@ def enable_checkpointing(model, row: str) -> str | None:
 def worker(args) -> dict:
     import torch
     import alam_dist
-    from alam_dist.controller import slice_inputs
+    from alam_dist.probe.inputs import slice_inputs
     row = args.worker
     model, device = build(args)
     model.train()

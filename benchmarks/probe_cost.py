@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _util import print_json, print_table  # noqa: E402
 
 import alam_dist  # noqa: E402
-from alam_dist.controller import slice_inputs  # noqa: E402
+from alam_dist.probe.inputs import slice_inputs  # noqa: E402
 from alam_dist.probe.restart import ProbeRound  # noqa: E402
 from alam_dist.probe.statistic import record_forward  # noqa: E402
 

@@ -5,7 +5,7 @@ import torch
 
 import alam_dist
 from alam_dist.probe.blocks import BlockStack, find_blocks, interpolate
-from alam_dist.controller import slice_inputs
+from alam_dist.probe.inputs import slice_inputs
 from tests.helpers import probe_tiny_llama, tiny_llama, token_batch
 
 pytest.importorskip("transformers")

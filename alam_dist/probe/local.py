@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -49,6 +49,9 @@ from alam_dist.probe.restart import ProbeRound
 from alam_dist.probe.statistic import (ProbeJob, ProbeResult, error_ratio, gradnormvar_of,
                                        grad_norms_and, pair_distances, probe_formats,
                                        record_forward)
+
+if TYPE_CHECKING:
+    from alam_dist.probe import RoundOutcome
 
 BELOW = -1
 """Level of the segment below the stack (embeddings): nothing is below it."""
@@ -256,6 +259,102 @@ class LocalJobResult:
     error_ratio: dict[float, float] = field(default_factory=dict)
 
 
+class _Segments:
+    """The graphs of the segments above and below the stack (final norm, head, loss;
+    embeddings): the first forward's once, then -- where weights are re-partitioned
+    after each backward (ZeRO-3) -- a new forward per pass."""
+
+    def __init__(self, round_: "LocalRound", loss: torch.Tensor, capture: "BoundaryForward"):
+        self._round, self.loss, self.capture = round_, loss, capture
+        self._used = False
+
+    def take(self) -> tuple["BoundaryForward", torch.Tensor | None]:
+        if self.capture is not None and (not self._round.forward_per_pass or not self._used):
+            self._used = True
+            return self.capture, self.loss
+        self.clear()
+        self.loss, self.capture = self._round.boundary_forward()
+        return self.capture, self.loss
+
+    def clear(self) -> None:
+        self.capture = self.loss = None
+
+
+class _Level:
+    """One level's graph: where a pass starts, what it measures, where it ends. Blocks
+    are recomputed from the first forward's recorded input (again per pass where
+    weights are re-partitioned after each backward); the segments come from
+    :class:`_Segments`."""
+
+    def __init__(self, round_: "LocalRound", level: int, capture: "BoundaryForward",
+                 segments: _Segments, params: list[torch.Tensor]):
+        self._round, self.level, self._capture, self._segments = round_, level, capture, segments
+        self.params = params
+        self._segment = level in (round_.stack.count, BELOW)
+        self._pair = None if self._segment else round_.recompute(capture, level)
+        self._fresh = True
+
+    def _graph(self) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
+        """(root, does the pass start at the loss?, the input whose gradient is handed down)"""
+        if self.level == self._round.stack.count:
+            capture, loss = self._segments.take()
+            return loss, True, capture.top_leaf
+        if self.level == BELOW:
+            capture, _ = self._segments.take()
+            return capture.bottom_root, False, None
+        if self._round.forward_per_pass and not self._fresh:
+            self._pair = None
+            self._pair = self._round.recompute(self._capture, self.level)
+        self._fresh = False
+        return self._pair[0], False, self._pair[1]
+
+    def run(self, upstream: torch.Tensor | None, target) -> tuple[torch.Tensor, torch.Tensor | None]:
+        root, from_loss, down = self._graph()
+        return self._round.local_pass(root, None if from_loss else upstream, self.params, down, target)
+
+    def close(self) -> None:
+        self._pair = None
+
+
+class _JobPasses:
+    """A job's pass at one level: through the level, then through its window from the
+    gradient the level handed down. Returns (level norms, window norms, gradient handed
+    down, gradient the window hands on)."""
+
+    def __init__(self, current: _Level, window: _Level | None, upstream: torch.Tensor | None,
+                 g_exact: torch.Tensor | None, collective_passes: bool):
+        self.current, self.window, self.upstream = current, window, upstream
+        self.g_exact, self.collective_passes = g_exact, collective_passes
+        self._window_exact: tuple | None = None
+
+    def __call__(self, target):
+        n, g = self.current.run(self.upstream, target)
+        if self.window is None or g is None:
+            return n, None, g, None
+        if not self.collective_passes and torch.equal(g, self.g_exact):
+            # the tensor does not reach the gradient handed down (a linear layer's
+            # input): the window sees the exact gradient; measured once per level
+            # (where passes are collectives every rank runs every pass instead)
+            if self._window_exact is None:
+                self._window_exact = self.window.run(self.g_exact, None)
+            return (n, self._window_exact[0], g, self._window_exact[1])
+        n_w, g_w = self.window.run(g, None)
+        return n, n_w, g, g_w
+
+
+@dataclass
+class _Tally:
+    """What a round collects over its levels."""
+
+    results: list = field(default_factory=list)
+    group_cost: list = field(default_factory=list)
+    lam: dict = field(default_factory=dict)
+    gam: dict = field(default_factory=dict)
+    mine: int = 0
+    padding: int = 0
+    job_passes: int = 0
+
+
 @dataclass
 class LocalRound:
     """Runs a block-local round. The controller supplies the pieces it owns."""
@@ -332,106 +431,24 @@ class LocalRound:
     def run(self, collective, collective_passes: bool) -> LocalOutcome:
         """The whole round on this rank; raises NotLocal (on every rank alike) when the
         model does not meet the preconditions -- nothing of training was touched then."""
-        stack, count = self.stack, self.stack.count
+        count = self.stack.count
         self.beat("recording the probe forward")
         loss, capture = self.boundary_forward()
-        try:
-            below, above = capture.segments(list(self.policy.seen))
-            problem = None
-        except NotLocal as err:
-            below, above, problem = [], [], str(err)
-        # every rank decides alike (one rank falling back alone would desynchronise them)
-        views = collective.gather((problem, below, above))
-        problems = [p for p, _, _ in views if p]
-        if problems:
-            raise NotLocal(problems[0])
-        below = sorted({k for _, b, _ in views for k in b})
-        above = sorted({k for _, _, a in views for k in a})
-        self.beat("gathering the saved-tensor inventory from every rank")
-        seen = collective.gather_inventory(dict(self.policy.seen))
-        small = collective.gather_inventory({k: TensorInfo(0, 0, "") for k in self.policy.seen_small})
-
-        block_keys: dict[int, list[str]] = {}
-        for key in seen:
-            b = stack.block_of(key)
-            if b is not None:
-                block_keys.setdefault(b, []).append(key)
-            elif key not in below and key not in above:
-                above.append(key)  # saved only on other ranks, after their stacks
-        order = [(count, sorted(above))] + [(b, sorted(block_keys.get(b, [])))
-                                            for b in reversed(range(count))] + [(BELOW, below)]
-        groups, index = [], 0
-        for level, keys in order:  # indices run on across groups: shares stay within one job
-            groups.append([ProbeJob(k, index + i, level) for i, k in enumerate(keys)])
-            index += len(keys)
-
-        in_block: dict[int, list[int]] = {}
-        outside: list[int] = []
-        for i, name in enumerate(self.param_names):
-            b = stack.block_of(name)
-            (in_block.setdefault(b, []) if b is not None else outside).append(i)
-        outside_params = [self.stat_params[i] for i in outside]
-
-        # levels, top down: count (above the stack), count-1 .. 0 (blocks), BELOW
-        results: list[LocalJobResult] = []
-        group_cost: list[dict] = []
-        lam: dict[int, float] = {}
-        gam: dict[int, float] = {}
-        counters = {"padding": 0, "mine": 0, "job_passes": 0}
-        first = {"loss": loss, "capture": capture}
-        del loss
+        seen, small, below, groups = self._inventory(capture, collective)
+        in_block, outside_params = self._parameters_by_level()
         # the segment below keeps its exact tensors (in its graph) while the blocks run;
         # their copies for the error ratios are kept here
         below_exact = {k: v for k, v in self.policy.recorded_exact().items() if k in below}
         has_bottom = capture.bottom_root is not None and capture.bottom_root.grad_fn is not None
         if below and not has_bottom:
             raise NotLocal("tensors are saved below the blocks but block 0's input has no graph")
+        segments = _Segments(self, loss, capture)
+        del loss
 
-        def segment() -> tuple[BoundaryForward, torch.Tensor | None]:
-            """(capture, loss) whose segment graphs (above and below the stack) are unused:
-            the first forward's once, then -- where weights are re-partitioned after each
-            backward -- a new forward per pass."""
-            if first["capture"] is not None and (not self.forward_per_pass or first.get("fresh", True)):
-                first["fresh"] = False
-                return first["capture"], first["loss"]
-            first["capture"] = first["loss"] = None
-            loss_, cap_ = self.boundary_forward()
-            first["capture"], first["loss"] = cap_, loss_
-            return cap_, loss_
-
-        class Level:
-            """One level's graph: where a pass starts, what it measures, where it ends."""
-
-            def __init__(lv, level: int):
-                lv.level = level
-                if level == count or level == BELOW:
-                    lv.params = outside_params
-                    lv.pair = None
-                else:
-                    lv.params = [self.stat_params[i] for i in in_block.get(level, [])]
-                    lv.pair = self.recompute(capture, level)
-                lv.fresh = True
-
-            def graph(lv):
-                """(root, grad_output is from the loss?, down)"""
-                if lv.level == count:
-                    cap_, loss_ = segment()
-                    return loss_, True, cap_.top_leaf
-                if lv.level == BELOW:
-                    cap_, _ = segment()
-                    return cap_.bottom_root, False, None
-                if self.forward_per_pass and not lv.fresh:
-                    lv.pair = None
-                    lv.pair = self.recompute(capture, lv.level)
-                lv.fresh = False
-                return lv.pair[0], False, lv.pair[1]
-
-            def run(lv, upstream, target):
-                root, from_loss, down = lv.graph()
-                return self.local_pass(root, None if from_loss else upstream, lv.params, down, target)
-
-            def close(lv):
-                lv.pair = None
+        def level_graph(level: int) -> _Level:
+            params = (outside_params if level in (count, BELOW)
+                      else [self.stat_params[i] for i in in_block.get(level, [])])
+            return _Level(self, level, capture, segments, params)
 
         def level_exists(level: int) -> bool:
             return level >= 0 or (level == BELOW and has_bottom)
@@ -444,82 +461,118 @@ class LocalRound:
                 return None
             return w if level_exists(w) and level != BELOW else None
 
+        tally = _Tally()
         upstream = None  # dL/d(output of the current level); None above the stack
-        current = Level(count)
+        current = level_graph(count)
         for gi, level in enumerate([count] + list(reversed(range(count))) + [BELOW]):
             self.beat(f"level {level} of the block-local round")
             t_level = time.perf_counter()
             w = window_of(level)
-            window = Level(w) if w is not None else None
-            n_exact, g_exact = current.run(upstream, None)
-            if upstream is not None:  # calibration: the response to noise on the gradient from above
-                z = calibration_noise(upstream, self.seed, level)
-                n_z, g_z = current.run(upstream + z, None)
-                lam[level], gam[level] = response(n_z, n_exact, g_z, g_exact, z)
-                del n_z, g_z, z
-
-            window_exact: list = []
-
-            def one_pass(target, current=current, window=window, upstream=upstream,
-                         g_exact=g_exact, window_exact=window_exact):
-                n, g = current.run(upstream, target)
-                if window is None or g is None:
-                    return n, None, g, None
-                if not collective_passes and torch.equal(g, g_exact):
-                    # the tensor does not reach the gradient handed down (a linear layer's
-                    # input): the window sees the exact gradient; measured once per level
-                    # (where passes are collectives every rank runs every pass instead)
-                    if not window_exact:
-                        window_exact.extend(window.run(g_exact, None))
-                    return (n, *window_exact[:1], g, *window_exact[1:])
-                n_w, g_w = window.run(g, None)
-                return n, n_w, g, g_w
-
-            group = groups[gi]
-            t0 = time.perf_counter()
-            mine = [j for j in collective.my_jobs(group) if j.key in self.policy.seen]
-            counters["mine"] += len(mine)
-            before_jobs = self.passes
-            for job in mine:
-                self.beat(f"probe job {job.key!r} (job {job.index})")
-                t = time.perf_counter()
-                outs = [one_pass((job.key, fmt, self.seed + offset)) for fmt, offset in self.PASSES]
-                results.append(LocalJobResult(
-                    job.key, level, w, pair_distances([o[0] for o in outs]),
-                    pair_distances([o[1] for o in outs]), pair_distances([o[2] for o in outs]),
-                    pair_distances([o[3] for o in outs]), time.perf_counter() - t,
-                    self.error_ratio(job.key, below_exact)))
-            counters["job_passes"] += self.passes - before_jobs
-            if collective_passes:
-                before_padding = self.passes
-                for _ in range(collective.jobs_per_rank(len(group)) - len(mine)):
-                    self.beat("a padding pass (lockstep with ranks with more jobs)")
-                    for _ in self.PASSES:
-                        one_pass(None)
-                counters["padding"] += self.passes - before_padding
-            # seconds: the jobs' passes (shared by ranks); level_seconds: the level's own
-            # recompute, exact and calibration passes (every rank runs them)
-            group_cost.append({"start": level, "jobs": len(group), "jobs_this_rank": len(mine),
-                               "seconds": time.perf_counter() - t0, "level_seconds": t0 - t_level})
+            window = level_graph(w) if w is not None else None
+            upstream = self._run_level(level, current, window, upstream, groups[gi], collective,
+                                       collective_passes, tally, below_exact, t_level)
             current.close()
             done = None if level in (count, BELOW) else level
             self.policy.release_recorded(lambda key, lv=done: self.stack.block_of(key) == lv)
             if level == count:
-                first["loss"] = None  # the segment above is done: free its graph
-            upstream = g_exact
+                segments.loss = None  # the segment above is done: free its graph
             if window is not None:
                 current = window
             elif level_exists(level - 1) and level != BELOW:
-                current = Level(level - 1)
+                current = level_graph(level - 1)
             else:
                 break
-        first["capture"] = first["loss"] = None
+        segments.clear()
         self.policy.release_recorded()
-        rho = rhos(lam, gam, count)
-        return LocalOutcome(finish(results, rho, lam), seen, small, groups, group_cost,
-                            counters["mine"], counters["padding"], rho, passes=self.passes,
+        rho = rhos(tally.lam, tally.gam, count)
+        return LocalOutcome(finish(tally.results, rho, tally.lam), seen, small, groups,
+                            tally.group_cost, tally.mine, tally.padding, rho, passes=self.passes,
                             forwards=self.forwards, block_forwards=self.block_forwards,
-                            job_passes=counters["job_passes"])
+                            job_passes=tally.job_passes)
+
+    def _inventory(self, capture: "BoundaryForward", collective):
+        """(seen, small, below, groups), identical on every rank: the merged inventory,
+        the keys saved below the stack, and the jobs by level -- above the stack, the
+        blocks top down, below the stack. Every rank decides alike whether the round
+        applies (one rank falling back alone would desynchronise them)."""
+        try:
+            below, above = capture.segments(list(self.policy.seen))
+            problem = None
+        except NotLocal as err:
+            below, above, problem = [], [], str(err)
+        views = collective.gather((problem, below, above))
+        problems = [p for p, _, _ in views if p]
+        if problems:
+            raise NotLocal(problems[0])
+        below = sorted({k for _, b, _ in views for k in b})
+        above = sorted({k for _, _, a in views for k in a})
+        self.beat("gathering the saved-tensor inventory from every rank")
+        seen = collective.gather_inventory(dict(self.policy.seen))
+        small = collective.gather_inventory({k: TensorInfo(0, 0, "") for k in self.policy.seen_small})
+        block_keys: dict[int, list[str]] = {}
+        for key in seen:
+            b = self.stack.block_of(key)
+            if b is not None:
+                block_keys.setdefault(b, []).append(key)
+            elif key not in below and key not in above:
+                above.append(key)  # saved only on other ranks, after their stacks
+        order = [(self.stack.count, sorted(above))] + [
+            (b, sorted(block_keys.get(b, []))) for b in reversed(range(self.stack.count))
+        ] + [(BELOW, below)]
+        groups, index = [], 0
+        for level, keys in order:  # indices run on across groups: shares stay within one job
+            groups.append([ProbeJob(k, index + i, level) for i, k in enumerate(keys)])
+            index += len(keys)
+        return seen, small, below, groups
+
+    def _parameters_by_level(self) -> tuple[dict[int, list[int]], list[torch.Tensor]]:
+        """Indices of the statistic's parameters per block, and those outside the stack."""
+        in_block: dict[int, list[int]] = {}
+        outside: list[int] = []
+        for i, name in enumerate(self.param_names):
+            b = self.stack.block_of(name)
+            (in_block.setdefault(b, []) if b is not None else outside).append(i)
+        return in_block, [self.stat_params[i] for i in outside]
+
+    def _run_level(self, level: int, current: "_Level", window: "_Level | None",
+                   upstream: torch.Tensor | None, group: list[ProbeJob], collective,
+                   collective_passes: bool, tally: "_Tally", below_exact: dict,
+                   t_level: float) -> torch.Tensor | None:
+        """One level: its exact pass (the gradient it hands down, returned), its calibration
+        pass, then this rank's jobs (and padding, where passes are collectives)."""
+        n_exact, g_exact = current.run(upstream, None)
+        if upstream is not None:  # calibration: the response to noise on the gradient from above
+            z = calibration_noise(upstream, self.seed, level)
+            n_z, g_z = current.run(upstream + z, None)
+            tally.lam[level], tally.gam[level] = response(n_z, n_exact, g_z, g_exact, z)
+            del n_z, g_z, z
+        one_pass = _JobPasses(current, window, upstream, g_exact, collective_passes)
+        t0 = time.perf_counter()
+        mine = [j for j in collective.my_jobs(group) if j.key in self.policy.seen]
+        tally.mine += len(mine)
+        before_jobs = self.passes
+        for job in mine:
+            self.beat(f"probe job {job.key!r} (job {job.index})")
+            t = time.perf_counter()
+            outs = [one_pass((job.key, fmt, self.seed + offset)) for fmt, offset in self.PASSES]
+            tally.results.append(LocalJobResult(
+                job.key, level, window.level if window is not None else None,
+                pair_distances([o[0] for o in outs]), pair_distances([o[1] for o in outs]),
+                pair_distances([o[2] for o in outs]), pair_distances([o[3] for o in outs]),
+                time.perf_counter() - t, self.error_ratio(job.key, below_exact)))
+        tally.job_passes += self.passes - before_jobs
+        if collective_passes:
+            before_padding = self.passes
+            for _ in range(collective.jobs_per_rank(len(group)) - len(mine)):
+                self.beat("a padding pass (lockstep with ranks with more jobs)")
+                for _ in self.PASSES:
+                    one_pass(None)
+            tally.padding += self.passes - before_padding
+        # seconds: the jobs' passes (shared by ranks); level_seconds: the level's own
+        # recompute, exact and calibration passes (every rank runs them)
+        tally.group_cost.append({"start": level, "jobs": len(group), "jobs_this_rank": len(mine),
+                                 "seconds": time.perf_counter() - t0, "level_seconds": t0 - t_level})
+        return g_exact
 
     def error_ratio(self, key: str, extra: dict | None = None) -> dict[float, float]:
         x = self.policy.recorded_exact().get(key)

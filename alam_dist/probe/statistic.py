@@ -18,7 +18,6 @@ states, module buffers (e.g. BatchNorm statistics) and train/eval flags are rest
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
