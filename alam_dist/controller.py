@@ -32,7 +32,8 @@ import torch
 from alam_dist.config import ALAMConfig
 from alam_dist.dist import Collective, MismatchCheck
 from alam_dist.plan import Plan, PlanMismatchError, allocate
-from alam_dist.policy import SavedTensorPolicy, key_seed, model_fingerprint
+from alam_dist.hooks.modes import Compress
+from alam_dist.hooks.policy import SavedTensorPolicy, key_seed, model_fingerprint
 from alam_dist.probe import RoundContext, RoundOutcome, run_round
 from alam_dist.probe.blocks import find_blocks
 from alam_dist.probe.inputs import loss_of, slice_inputs  # noqa: F401 (loss_of: old import path)
@@ -67,9 +68,8 @@ class Controller:
         self.policy = SavedTensorPolicy(model, min_numel=self.config.min_numel,
                                         backend=self.config.backend,
                                         formats=self.config.formats,
-                                        attention=self.config.attention)
-        self.policy.bits_for = self._bits_for
-        self.policy.seed_for = self._seed_for
+                                        attention=self.config.attention,
+                                        training=Compress(self._bits_for, self._seed_for))
         self.step = 0
         self.probed_steps: set[int] = set()
         """Steps whose scheduled probe round ran (saved with the plan: a resumed run

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from alam_dist.plan import Plan, PlanMismatchError
-from alam_dist.policy import TensorInfo
+from alam_dist.hooks.policy import TensorInfo
 from alam_dist.probe.statistic import ProbeJob, ProbeResult
 
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alam_dist.policy import SavedTensorPolicy, StepStats
+from alam_dist.hooks.modes import Measure
+from alam_dist.hooks.policy import SavedTensorPolicy, StepStats
 
 
 @dataclass
@@ -93,8 +94,7 @@ class SavedActivationMeter:
     """
 
     def __init__(self, model: torch.nn.Module, *, min_numel: int = 1024):
-        self.policy = SavedTensorPolicy(model, min_numel=min_numel)
-        self.policy.mode = "measure"
+        self.policy = SavedTensorPolicy(model, min_numel=min_numel, training=Measure())
         self.policy.install()
         self._last: StepStats | None = None
 

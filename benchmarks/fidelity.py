@@ -233,7 +233,7 @@ def run(task: Task, budget: float | None, fset: str | None, args) -> dict:
         loss = task.loss(model, task.batch(step[0]))
         opt.zero_grad()
         loss.backward()
-        if ctl.policy.mode != "record":  # the probe's forward is not a training step
+        if ctl.policy.mode.name != "record":  # the probe's forward is not a training step
             losses.append(float(loss.detach()))
 
     for i in range(args.steps):

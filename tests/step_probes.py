@@ -43,7 +43,7 @@ class SyncCounter(TorchDispatchMode):
 
 def live_step_objects() -> dict[str, int]:
     from alam_dist.codec import PackedTensor
-    from alam_dist.policy import Saved
+    from alam_dist.hooks.policy import Saved
     packed = saved = exact = 0
     for obj in gc.get_objects():
         kind = type(obj)  # not isinstance: some objects warn when asked for __class__

@@ -3,6 +3,7 @@ runs are benchmarks, docs/results.md)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,5 +63,6 @@ def test_plans_of_the_fidelity_models_are_unchanged():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plan_digests.py"),
                            "--models", "tiny", "--compare",
                            str(ROOT / "docs" / "results" / "plan_digests.json")],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+                          capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert "18 of 18 plan digests unchanged" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -60,8 +60,8 @@ def test_local_round_holds_at_most_two_blocks_exact_and_releases_everything(monk
     ctl, _ = probe_tiny_llama(5, bits=1)
     assert len(seen_blocks) == 5  # each block recomputed once (no ZeRO-3 here)
     assert max(len(s) for s in seen_blocks) <= 2
-    assert ctl.policy.recorded_exact() == {} and ctl.policy.record_exact is None
-    assert ctl.policy.record_plain is None and not ctl.policy.activation_leaves
+    assert ctl.policy.recorded_exact() == {} and ctl.policy.mode is ctl.policy.training
+    assert not ctl.policy.activation_leaves
     h = ctl.probe_cost.history[-1]
     assert h["block_forwards"] == 5 and h["forwards"] == 1
     # passes: per level an exact pass (+ a calibration pass below the top), per job up
@@ -163,7 +163,7 @@ def test_a_probe_round_leaves_no_graph_behind(probe):
     memory). Nothing of a round may stay alive."""
     import gc
 
-    from alam_dist.policy import Saved
+    from alam_dist.hooks.policy import Saved
 
     def survivors() -> dict[int, object]:
         # other tests' objects may live on in this process (module fixtures): only what

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from alam_dist.policy import SavedTensorPolicy, StepStats, TensorInfo
+from alam_dist.hooks.policy import SavedTensorPolicy, TensorInfo
 from alam_dist.probe.blocks import BlockStack
 from alam_dist.probe.statistic import preserved_training_state
 
@@ -85,21 +85,8 @@ def probe_state(policy: SavedTensorPolicy, model: torch.nn.Module, batch_share: 
     """A probe round's policy state around it: a fresh inventory and byte count, the
     slice's share, and on exit every probe setting reset and every recorded copy
     released; training state (grads, RNG, buffers, modes) restored."""
-    stats_before = policy.stats
-    with preserved_training_state(model, tensors):
-        policy.stats = StepStats()
-        policy.seen.clear()
-        policy.seen_small.clear()
-        policy.size_share = batch_share
-        try:
-            yield
-        finally:
-            policy.record_exact = None
-            policy.record_plain = None
-            policy.activation_leaves.clear()
-            policy.size_share = (1, 1)
-            policy.release_recorded()
-            policy.stats = stats_before
+    with preserved_training_state(model, tensors), policy.probe_scope(batch_share):
+        yield
 
 
 _warned_not_local: weakref.WeakSet = weakref.WeakSet()  # policies already warned about it

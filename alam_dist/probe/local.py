@@ -43,7 +43,8 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from alam_dist.policy import SavedTensorPolicy, TensorInfo, key_seed
+from alam_dist.hooks.modes import Record
+from alam_dist.hooks.policy import SavedTensorPolicy, TensorInfo, key_seed
 from alam_dist.probe.blocks import BlockStack
 from alam_dist.probe.restart import ProbeRound
 from alam_dist.probe.statistic import (ProbeJob, ProbeResult, error_ratio, gradnormvar_of,
@@ -382,12 +383,11 @@ class LocalRound:
         below and above the stack recorded exactly."""
         stack = self.stack
         capture = BoundaryForward(stack, self.policy)
-        self.policy.record_exact = lambda key: stack.block_of(key) is None
-        self.policy.record_plain = lambda key: stack.block_of(key) is not None
+        mode = Record(exact=lambda key: stack.block_of(key) is None,
+                      plain=lambda key: stack.block_of(key) is not None)
         try:
-            loss = record_forward(self.policy, self.closure)
+            loss = record_forward(self.policy, self.closure, mode)
         finally:
-            self.policy.record_plain = None
             capture.remove()
         self.forwards += 1
         return loss, capture
@@ -398,19 +398,18 @@ class LocalRound:
         h = call.hidden.detach().requires_grad_(True)
         self.policy.activation_leaves[id(h)] = h
         args, kwargs = _with_hidden(call.args, call.kwargs, call.where, h)
-        self.policy.record_exact = lambda key: self.stack.block_of(key) == b
-        previous, self.policy.mode = self.policy.mode, "record"
         saved_rng = _rng_state()
         try:
             _set_rng_state(call.rng)
             with contextlib.ExitStack() as contexts:
+                contexts.enter_context(self.policy.using(
+                    Record(exact=lambda key: self.stack.block_of(key) == b)))
                 contexts.enter_context(torch.enable_grad())
                 for device, dtype in call.autocast:
                     contexts.enter_context(torch.autocast(device, dtype=dtype))
                 out = _first_tensor(self.stack.modules[b](*args, **kwargs))
         finally:
             _set_rng_state(saved_rng)
-            self.policy.mode = previous
         self.block_forwards += 1
         return out, h
 
@@ -419,11 +418,8 @@ class LocalRound:
                    target: tuple[str, float, int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Row norms of ``params``' gradients and the gradient at ``down`` (None: none),
         with ``target`` (key, format, seed) compressed."""
-        self.policy.probe_target = target
-        try:
+        with self.policy.targeting(target):
             out = grad_norms_and(root, params, down, self.granularity, True, grad_output)
-        finally:
-            self.policy.probe_target = None
         self.passes += 1
         return out
 

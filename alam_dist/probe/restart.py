@@ -17,7 +17,8 @@ from typing import Callable
 
 import torch
 
-from alam_dist.policy import SavedTensorPolicy, TensorInfo
+from alam_dist.hooks.modes import Record
+from alam_dist.hooks.policy import SavedTensorPolicy, TensorInfo
 from alam_dist.probe.blocks import BlockStack, derive
 from alam_dist.probe.statistic import (AQ, Q8, ProbeJob, ProbeResult, error_ratio,
                                        gradnormvar, grad_norms, probe_formats, record_forward)
@@ -102,12 +103,11 @@ class ProbeRound:
     def _pass(self, target: tuple[str, float, int] | None, start: int | None) -> torch.Tensor:
         loss = self.loss if self.forward is None else self.forward()  # re-captures restarts
         root, grad_output = (loss, None) if start is None else self.restarts.root(start)
-        self.policy.probe_target = target
         try:
-            return grad_norms(root, self.params, self.granularity,
-                              retain_graph=self.forward is None, grad_output=grad_output)
+            with self.policy.targeting(target):
+                return grad_norms(root, self.params, self.granularity,
+                                  retain_graph=self.forward is None, grad_output=grad_output)
         finally:
-            self.policy.probe_target = None
             del loss, root
 
     def run(self, job: ProbeJob) -> ProbeResult:
@@ -159,15 +159,16 @@ def run_restart_round(ctx, kind: str):
     restarts = None
     policy, collective, beat = ctx.policy, ctx.collective, ctx.beat
     with probe_state(policy, ctx.model, ctx.batch_share, ctx.params + list(ctx.grad_params or [])):
+        record = Record()
         if stack is not None:
             if len(probed_blocks) < stack.count:  # others are interpolated: no exact copy
                 keep = set(probed_blocks)
-                policy.record_exact = lambda key: stack.block_of(key) in keep \
-                    or stack.block_of(key) is None
+                record = Record(exact=lambda key: stack.block_of(key) in keep
+                                or stack.block_of(key) is None)
             restarts = BlockRestarts({b: stack.modules[b] for b in probed_blocks})
         try:
             beat("recording the probe forward")
-            loss = record_forward(policy, ctx.closure)
+            loss = record_forward(policy, ctx.closure, record)
             # Jobs come from the merged inventory so that job indices agree on all ranks.
             beat("gathering the saved-tensor inventory from every rank")
             seen = collective.gather_inventory(dict(policy.seen))
@@ -175,7 +176,7 @@ def run_restart_round(ctx, kind: str):
             if restarts is not None:
                 beat("the restart backward")
                 restarts.compute_grads(loss)  # one exact backward (every rank)
-            refresh = (lambda: record_forward(policy, ctx.closure)) if ctx.forward_per_pass else None
+            refresh = (lambda: record_forward(policy, ctx.closure, record)) if ctx.forward_per_pass else None
             if refresh is not None:
                 # the first forward only served the inventory, ratios and restarts
                 loss = loss.detach()

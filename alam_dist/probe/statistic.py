@@ -24,7 +24,8 @@ from typing import Callable, Iterator
 import torch
 from torch.overrides import TorchFunctionMode
 
-from alam_dist.policy import SavedTensorPolicy
+from alam_dist.hooks.modes import Record
+from alam_dist.hooks.policy import SavedTensorPolicy
 
 AQ, Q8 = 0.5, 8
 
@@ -98,16 +99,13 @@ class captured_backward(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def record_forward(policy: SavedTensorPolicy, closure: Callable[[], object]) -> torch.Tensor:
-    """Run the closure's forward in record mode and return its (scalar) loss."""
-    previous = policy.mode
+def record_forward(policy: SavedTensorPolicy, closure: Callable[[], object],
+                   mode: Record | None = None) -> torch.Tensor:
+    """Run the closure's forward in record ``mode`` (default: every tensor exact) and
+    return its (scalar) loss."""
     policy.release_recorded()
-    policy.mode = "record"
-    try:
-        with captured_backward() as captured:
-            out = closure()
-    finally:
-        policy.mode = previous
+    with policy.using(mode or Record()), captured_backward() as captured:
+        out = closure()
     loss = out if isinstance(out, torch.Tensor) else (captured[-1] if captured else None)
     if loss is None:
         raise RuntimeError("the probe closure neither returned a loss tensor nor called "

@@ -1,0 +1,103 @@
+"""Where a tensor is saved: the stable key of every saved tensor.
+
+Installed on a model, :class:`ModuleKeys` hooks every module's forward. The key of a saved
+tensor is ``"<module qualified name>/<call>.<ordinal>"`` -- the module running when
+autograd saves it, how many times that module already ran in this forward, and the
+position of the save inside that call. This does not depend on the order of saves across
+a step, so it is the same under gradient accumulation, with activation checkpointing
+(tensors inside a checkpointed region are never packed by us: the checkpoint's own hooks
+are innermost there), and on every rank.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+class ModuleKeys:
+    """Module hooks that track the module stack of the running forward.
+
+    The owner is told when a top-level forward begins and ends, when a forward runs
+    inside backward (a checkpoint recompute: its saves are not ours, but it must route
+    attention as the original forward did), and when dynamo traces a forward."""
+
+    def __init__(self, model: torch.nn.Module, *, on_forward_begin: Callable[[], None],
+                 on_forward_end: Callable[[], None], on_recompute: Callable[[bool], None],
+                 on_compiling: Callable[[], None]):
+        self.model = model
+        self._on_begin, self._on_end = on_forward_begin, on_forward_end
+        self._on_recompute, self._on_compiling = on_recompute, on_compiling
+        self._handles: list = []
+        self._names: dict[int, str] = {}
+        self._types: dict[str, str] = {}
+        self._stack: list[list] = []  # frames: [name, call index, next ordinal]
+        self._calls: dict[str, int] = {}
+        self._recompute_depth = 0  # nesting of module calls inside a checkpoint recompute
+
+    def install(self) -> None:
+        if self._handles:
+            return
+        for name, module in self.model.named_modules():
+            self._names[id(module)] = name
+            self._types[name] = type(module).__name__
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook))
+            self._handles.append(module.register_forward_hook(self._post_hook, always_call=True))
+
+    def uninstall(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._stack.clear()
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._handles)
+
+    @property
+    def in_forward(self) -> bool:
+        """Whether one of the model's forwards (not a recompute) is running."""
+        return bool(self._stack)
+
+    def next_key(self) -> str:
+        """The key of the next tensor saved in the running module call."""
+        frame = self._stack[-1]
+        key = f"{frame[0] or '<root>'}/{frame[1]}.{frame[2]}"
+        frame[2] += 1
+        return key
+
+    def module_type(self) -> str:
+        """The class name of the running module."""
+        return self._types.get(self._stack[-1][0], "")
+
+    def _pre_hook(self, module, args):
+        if torch.compiler.is_compiling():
+            # dynamo is tracing this forward: the compiled graph will save its tensors
+            # without our hooks (the owner refuses the step instead of reporting a
+            # compression that did not happen)
+            self._on_compiling()
+            return
+        if not self._stack:
+            if torch._C._current_graph_task_id() != -1:
+                # A forward run by backward (checkpoint recompute)
+                if self._recompute_depth == 0:
+                    self._on_recompute(True)
+                self._recompute_depth += 1
+                return
+            self._calls.clear()
+            self._on_begin()
+        name = self._names.get(id(module), "?")
+        call = self._calls.get(name, 0)
+        self._calls[name] = call + 1
+        self._stack.append([name, call, 0])
+
+    def _post_hook(self, module, args, output):
+        if not self._stack:
+            if self._recompute_depth > 0:
+                self._recompute_depth -= 1
+                if self._recompute_depth == 0:
+                    self._on_recompute(False)
+            return
+        self._stack.pop()
+        if not self._stack:
+            self._on_end()

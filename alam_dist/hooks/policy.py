@@ -1,0 +1,323 @@
+"""The saved-tensor policy: which saved tensors are compressed, and how.
+
+The pack hook runs for every tensor autograd saves during one of the model's forwards.
+It keys the tensor by where it is saved (alam_dist.hooks.keys), skips what is not an
+activation (alam_dist.hooks.classify), shares one packed copy between the ops that save
+the same tensor, and hands the rest to the current mode (alam_dist.hooks.modes):
+compressed in training, recorded exactly in probe forwards, only counted when measuring.
+
+Skipped (kept exact): weights -- parameters (leaves), their views and autocast copies
+(found by walking the autograd graph to AccumulateGrad), anything an extra detector
+claims --, every leaf tensor (inputs, frozen weights, and tensors built without grad such
+as additive attention masks, whose finfo.min entries must stay exact), non-float tensors
+other than bool masks (always bit-packed), and tensors below ``min_numel``. A tensor
+saved by several ops (the input of q/k/v projections) is packed once and shared.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from alam_dist import codec
+from alam_dist.attention import ConsistentAttentionMode
+from alam_dist.codec import PackedTensor
+from alam_dist.hooks.classify import (FLOATS, WeightDetector, is_weight, key_seed,  # noqa: F401
+                                      model_fingerprint, storage_ptr)
+from alam_dist.hooks.keys import ModuleKeys
+from alam_dist.hooks.modes import Compress, Mode, Record  # noqa: F401
+
+
+@dataclass
+class Saved:
+    """What autograd holds instead of a compressed activation."""
+
+    key: str
+    packed: PackedTensor | None = None
+    exact: torch.Tensor | None = None  # record mode (probes) keeps the exact tensor
+
+    def __repr__(self) -> str:
+        return f"Saved({self.key!r}, {self.packed or 'exact'})"
+
+
+@dataclass
+class TensorInfo:
+    numel: int
+    raw_bits: int
+    dtype: str
+    module_type: str = ""
+    op: str = ""  # the autograd node that produced it, e.g. "LogSoftmaxBackward0"
+
+
+@dataclass
+class StepStats:
+    """Saved-activation bytes of the forwards of one training step."""
+
+    raw_bytes: int = 0
+    packed_bytes: int = 0
+    exact_bytes: int = 0  # eligible activations kept exact (tiny ones, or plan says 32)
+    tensors: int = 0
+    deduplicated: int = 0
+    skipped_weights: int = 0
+    skipped_other: int = 0
+    forwards: int = 0
+    per_key_bytes: dict[str, int] = field(default_factory=dict)
+    nonfinite_flags: list = field(default_factory=list)
+    """One 0-d bool tensor per compressed tensor: whether a group of it held NaN/inf (its
+    metadata is NaN). Kept on the tensor's device and summed only when reported, so
+    training never waits for a device-to-host copy."""
+
+    def nonfinite_tensors(self) -> int:
+        """How many compressed tensors held NaN/inf: one device-to-host read."""
+        if not self.nonfinite_flags:
+            return 0
+        return int(torch.stack(self.nonfinite_flags).sum())
+
+
+class SavedTensorPolicy:
+    """Owns the pack/unpack hooks of one model: keys (via :class:`ModuleKeys`), what is
+    skipped, the shared copies, the statistics, and the current :class:`Mode`.
+
+    ``training`` is the mode of training forwards (``Compress`` with the controller's
+    plan, or ``Measure``); probe code swaps in others with :meth:`using`, and points a
+    probe pass at one recorded tensor with :meth:`targeting`."""
+
+    def __init__(self, model: torch.nn.Module, *, min_numel: int = 1024, backend: str = "auto",
+                 formats: str = "minmax", attention: str = "stock",
+                 training: Mode | None = None):
+        self.model = model
+        self.min_numel = min_numel
+        self.formats = formats  # the codec family plan bits name
+        # "recompute": route F.scaled_dot_product_attention through alam_dist.attention
+        # during compressed and probe forwards
+        self.attention = attention
+        # (kept, total) samples of a sliced probe forward: a tensor is "small" when the
+        # training-size tensor would be, i.e. numel * total < min_numel * kept
+        self.size_share: tuple[int, int] = (1, 1)
+        self.backend = backend
+        self.training: Mode = training or Compress()
+        self.mode: Mode = self.training
+        self._target: tuple[str, float, int] | None = None
+        self.weight_detectors: list[WeightDetector] = []
+        # leaves that are activations, not weights: the block-local probe round cuts the
+        # graph at block boundaries with leaves that stand for the hidden state
+        self.activation_leaves: dict[int, torch.Tensor] = {}
+        self.seen: dict[str, TensorInfo] = {}
+        self.seen_small: set[str] = set()  # float tensors kept exact for being under min_numel
+        self.stats = StepStats()
+        self.keys = ModuleKeys(model, on_forward_begin=self._begin_forward,
+                               on_forward_end=self._exit_context,
+                               on_recompute=self._recompute, on_compiling=self._compiling)
+        self._dedup: dict[tuple, tuple[weakref.ref, weakref.ref | None]] = {}
+        self._recorded: dict[str, torch.Tensor] = {}  # record mode: key -> exact tensor
+        self.compiled_forward_seen = False
+        self._hooks_ctx = None
+        self._attention_ctx = None
+
+    # -- installation -------------------------------------------------------------------
+    def install(self) -> None:
+        self.keys.install()
+
+    def uninstall(self) -> None:
+        self.keys.uninstall()
+        self._exit_context()
+
+    @property
+    def installed(self) -> bool:
+        return self.keys.installed
+
+    # -- modes ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def using(self, mode: Mode) -> Iterator[Mode]:
+        """Forwards within the block run in ``mode`` (the previous one comes back)."""
+        previous, self.mode = self.mode, mode
+        try:
+            yield mode
+        finally:
+            self.mode = previous
+
+    @contextlib.contextmanager
+    def targeting(self, target: tuple[str, float, int] | None) -> Iterator[None]:
+        """Backward passes within the block unpack the recorded tensor ``target[0]``
+        compressed at format ``target[1]`` with seed ``target[2]`` (None: all exact)."""
+        previous, self._target = self._target, target
+        try:
+            yield
+        finally:
+            self._target = previous
+
+    @contextlib.contextmanager
+    def probe_scope(self, batch_share: tuple[int, int]) -> Iterator[None]:
+        """A probe round's state: a fresh inventory and byte count, the slice's share; on
+        exit every recorded copy and activation leaf released and the step's own
+        statistics back."""
+        stats_before = self.stats
+        self.stats = StepStats()
+        self.seen.clear()
+        self.seen_small.clear()
+        self.size_share = batch_share
+        try:
+            yield
+        finally:
+            self.activation_leaves.clear()
+            self.size_share = (1, 1)
+            self.release_recorded()
+            self.stats = stats_before
+
+    # -- forward life cycle (ModuleKeys' callbacks) ---------------------------------------
+    def _compiling(self) -> None:
+        # Recorded (dynamo replays the write) so the controller can refuse the step.
+        self.compiled_forward_seen = True
+
+    def _recompute(self, begins: bool) -> None:
+        """A forward run by backward (checkpoint recompute): its saves are not ours, but
+        its attention calls must take the path the original forward took, or the
+        checkpoint sees different saved tensors."""
+        if begins and self._routes_attention():
+            self._attention_ctx = ConsistentAttentionMode()
+            self._attention_ctx.__enter__()
+        elif not begins:
+            self._exit_context()
+
+    def _begin_forward(self) -> None:
+        # A step may call several top-level modules (an encoder, then a head on some of
+        # its outputs): each starts here, so the record round's exact copies are not
+        # dropped here but by record_forward / release_recorded.
+        self._dedup.clear()
+        self.stats.forwards += 1
+        if self.mode.hooks:
+            self._hooks_ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+            self._hooks_ctx.__enter__()
+            if self._routes_attention():
+                self._attention_ctx = ConsistentAttentionMode()
+                self._attention_ctx.__enter__()
+
+    def _routes_attention(self) -> bool:
+        return self.attention == "recompute" and self.mode.routes_attention
+
+    def _exit_context(self) -> None:
+        if self._attention_ctx is not None:
+            ctx, self._attention_ctx = self._attention_ctx, None
+            ctx.__exit__(None, None, None)
+        if self._hooks_ctx is not None:
+            ctx, self._hooks_ctx = self._hooks_ctx, None
+            ctx.__exit__(None, None, None)
+
+    def is_weight(self, t: torch.Tensor) -> bool:
+        return is_weight(t, self.activation_leaves, self.weight_detectors)
+
+    # -- the hooks ------------------------------------------------------------------------
+    def pack(self, t: torch.Tensor):
+        if not self.keys.in_forward:
+            return t
+        key = self.keys.next_key()
+        is_mask = t.dtype == torch.bool
+        if not is_mask and self.is_weight(t):
+            self.stats.skipped_weights += 1
+            return t
+        kept, total = self.size_share
+        if not is_mask and (t.dtype not in FLOATS or t.numel() * total < self.min_numel * kept):
+            # Kept as is, but still activation memory: counted on both sides of the ratio.
+            nbytes = t.numel() * t.element_size()
+            self.stats.skipped_other += 1
+            self.stats.raw_bytes += nbytes
+            self.stats.packed_bytes += nbytes
+            self.stats.exact_bytes += nbytes
+            if t.dtype in FLOATS:  # a plan remembers it: larger batches may cross min_numel
+                self.seen_small.add(key)
+            return _as_is(t)
+        # Ops often save a fresh *view* of a shared input (F.linear reshapes 3-D inputs), so
+        # identity is checked on the view's base, which stays alive while its users run;
+        # a dead base can never match, so a reused address cannot alias another tensor.
+        base = t._base if t._base is not None else t
+        dedup_key = (storage_ptr(t), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+                     t.dtype, t._version)
+        hit = self._dedup.get(dedup_key)
+        if hit is not None and hit[0]() is base:
+            shared = hit[1]() if hit[1] is not None else None
+            if hit[1] is None or shared is not None:
+                self.stats.deduplicated += 1
+                return shared if shared is not None else _as_is(t)
+        saved = self._pack_new(key, t, is_mask)
+        # Weak references only: the graph owns what it saved, and the table must not keep a
+        # step's packed tensors (or exact copies) alive past its backward -- through the
+        # optimizer step, where peak memory often is. A tensor handed back as is is noted
+        # without a reference (None).
+        self._dedup[dedup_key] = (weakref.ref(base),
+                                  weakref.ref(saved) if isinstance(saved, Saved) else None)
+        return saved
+
+    def _pack_new(self, key: str, t: torch.Tensor, is_mask: bool) -> Saved | torch.Tensor:
+        raw = t.numel() * t.element_size()
+        self.stats.tensors += 1
+        self.stats.raw_bytes += raw
+        if not is_mask:
+            self.seen[key] = TensorInfo(t.numel(), t.element_size() * 8, str(t.dtype),
+                                        self.keys.module_type(),
+                                        type(t.grad_fn).__name__ if t.grad_fn is not None else "")
+        return self.mode.keep(self, key, t, is_mask, raw)
+
+    # -- what modes call ------------------------------------------------------------------
+    def encode(self, key: str, t: torch.Tensor, bits: float, seed: int, raw: int) -> Saved:
+        """``t`` compressed at ``bits`` (training, and probe forwards' other keys)."""
+        packed = codec.encode(t.detach(), bits, seed=seed, backend=self.backend,
+                              formats=self.formats)
+        if packed.format == "raw":
+            self.stats.exact_bytes += raw
+        if packed.meta is not None:  # NaN/inf groups store NaN metadata (docs/codec.md)
+            self.stats.nonfinite_flags.append(torch.isnan(packed.meta).any())
+        self.stats.packed_bytes += packed.nbytes
+        self.stats.per_key_bytes[key] = self.stats.per_key_bytes.get(key, 0) + packed.nbytes
+        return Saved(key, packed=packed)
+
+    def record(self, key: str, t: torch.Tensor) -> Saved:
+        """An exact copy of ``t`` for probe passes (held by key until released).
+        Detached: an op that saves its own output (rsqrt, sigmoid, softmax) would
+        otherwise close a cycle through C++ (node -> saved -> tensor -> node) that
+        Python's collector cannot see, and the round's tensors would never be freed."""
+        exact = t.detach()
+        self._recorded[key] = exact
+        return Saved(key, exact=exact)
+
+    def recorded_exact(self) -> dict[str, torch.Tensor]:
+        """Key -> exact tensor of the last record-mode forward (for probe statistics).
+        Kept by key, not through the dedup table, where a later tensor with the same
+        storage signature replaces an earlier entry."""
+        return dict(self._recorded)
+
+    def release_recorded(self, which: Callable[[str], bool] | None = None) -> None:
+        """Drop the record forward's exact tensors (they would pin a step's activations);
+        ``which``: only those keys."""
+        if which is not None:
+            for key in [k for k in self._recorded if which(k)]:
+                del self._recorded[key]
+            return
+        self._recorded.clear()
+        self._dedup.clear()
+
+    def round_trip(self, t: torch.Tensor, bits: float, seed: int) -> torch.Tensor:
+        """``t`` as training would see it after compression at ``bits``."""
+        return codec.decode(codec.encode(t.detach(), bits, seed=seed, backend=self.backend,
+                                         formats=self.formats), backend=self.backend)
+
+    def unpack(self, saved):
+        if not isinstance(saved, Saved):
+            return saved
+        if saved.exact is not None:
+            target = self._target
+            if target is not None and target[0] == saved.key:
+                return self.round_trip(saved.exact, target[1], target[2])
+            return saved.exact
+        return codec.decode(saved.packed, backend=self.backend)
+
+
+def _as_is(t: torch.Tensor) -> torch.Tensor:
+    """A saved tensor kept exact, without its graph. Handing autograd the tensor itself
+    closes a cycle for ops that save their own output (rsqrt, sigmoid, softmax): node ->
+    saved tensor -> its grad_fn -> node, through C++, where Python's collector cannot see
+    it. Backward breaks it, but a graph dropped without one (probe rounds, a forward under
+    evaluation) would never be freed."""
+    return t.detach()
