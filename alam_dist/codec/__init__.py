@@ -30,6 +30,8 @@ give bit-identical results for the same seed.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from alam_dist.codec import backends, formats as _formats
@@ -63,6 +65,13 @@ def _is_mask(x: torch.Tensor) -> bool:
     return x.dtype == torch.uint8 and (x.numel() == 0 or int(x.max()) <= 1)
 
 
+@functools.lru_cache(maxsize=256)
+def _plan_format(bits: float, formats: str):
+    """(normalised bits, registry entry or None): once per (bits, family), not per call."""
+    plan_bits = normalize_bits(bits, formats)
+    return plan_bits, format_for(plan_bits, formats) if plan_bits < 16 else None
+
+
 def encode(x: torch.Tensor, bits: float, *, seed: int = 0, backend: str = "auto",
            formats: str = "minmax") -> PackedTensor:
     """Encode ``x`` in the format ``bits`` of the family ``formats`` (module docstring).
@@ -74,7 +83,11 @@ def encode(x: torch.Tensor, bits: float, *, seed: int = 0, backend: str = "auto"
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"encode expects a torch.Tensor, got {type(x).__name__}")
-    plan_bits = normalize_bits(bits, formats)
+    if type(bits) in (int, float) and isinstance(formats, str):
+        plan_bits, fmt = _plan_format(bits, formats)
+    else:  # numpy scalars and the like (or a bad value: the error names it)
+        plan_bits = normalize_bits(bits, formats)
+        fmt = format_for(plan_bits, formats) if plan_bits < 16 else None
     seed = int(seed) & ((1 << 64) - 1)
     shape, dtype, device = x.shape, x.dtype, x.device
     if x.dtype in _MASK_DTYPES:
@@ -93,7 +106,6 @@ def encode(x: torch.Tensor, bits: float, *, seed: int = 0, backend: str = "auto"
         return PackedTensor("raw", shape, dtype, device, x)
     if plan_bits == 16:
         return PackedTensor("bf16", shape, dtype, device, x.to(torch.bfloat16))
-    fmt = format_for(plan_bits, formats)
     flat = x.detach().reshape(-1)
     if not flat.is_contiguous():
         flat = flat.contiguous()

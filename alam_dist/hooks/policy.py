@@ -66,15 +66,15 @@ class StepStats:
     forwards: int = 0
     per_key_bytes: dict[str, int] = field(default_factory=dict)
     nonfinite_flags: list = field(default_factory=list)
-    """One 0-d bool tensor per compressed tensor: whether a group of it held NaN/inf (its
-    metadata is NaN). Kept on the tensor's device and summed only when reported, so
-    training never waits for a device-to-host copy."""
+    """One 0-d tensor per compressed tensor, the sum of its metadata: NaN when a group of
+    it held NaN/inf (its metadata is NaN). Kept on the tensor's device and counted only
+    when reported, so training never waits for a device-to-host copy."""
 
     def nonfinite_tensors(self) -> int:
         """How many compressed tensors held NaN/inf: one device-to-host read."""
         if not self.nonfinite_flags:
             return 0
-        return int(torch.stack(self.nonfinite_flags).sum())
+        return int(torch.stack([f.float() for f in self.nonfinite_flags]).isnan().sum())
 
 
 class SavedTensorPolicy:
@@ -255,9 +255,12 @@ class SavedTensorPolicy:
         self.stats.tensors += 1
         self.stats.raw_bytes += raw
         if not is_mask:
-            self.seen[key] = TensorInfo(t.numel(), t.element_size() * 8, str(t.dtype),
-                                        self.keys.module_type(),
-                                        type(t.grad_fn).__name__ if t.grad_fn is not None else "")
+            info = self.seen.get(key)
+            bits = t.element_size() * 8
+            if info is None or info.numel != t.numel() or info.raw_bits != bits:
+                # once per key, not per step: the inventory only changes with shapes
+                self.seen[key] = TensorInfo(t.numel(), bits, str(t.dtype), self.keys.module_type(),
+                                            type(t.grad_fn).__name__ if t.grad_fn is not None else "")
         return self.mode.keep(self, key, t, is_mask, raw)
 
     # -- what modes call ------------------------------------------------------------------
@@ -267,8 +270,10 @@ class SavedTensorPolicy:
                               formats=self.formats)
         if packed.format == "raw":
             self.stats.exact_bytes += raw
-        if packed.meta is not None:  # NaN/inf groups store NaN metadata (docs/codec.md)
-            self.stats.nonfinite_flags.append(torch.isnan(packed.meta).any())
+        if packed.meta is not None:
+            # NaN/inf groups store NaN metadata (docs/codec.md), and a sum of finite
+            # values is never NaN: one reduction per tensor, read only when reported
+            self.stats.nonfinite_flags.append(packed.meta.sum())
         self.stats.packed_bytes += packed.nbytes
         self.stats.per_key_bytes[key] = self.stats.per_key_bytes.get(key, 0) + packed.nbytes
         return Saved(key, packed=packed)
