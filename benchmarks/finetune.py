@@ -194,7 +194,9 @@ def main() -> None:
     ap.add_argument("--rows", nargs="*", default=[],
                     help='extra rows: "b2:ladder=[32,8,4,2,0.5];probe=\\"full\\"" (ALAM keys as JSON)')
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of every ALAM row")
-    ap.add_argument("--exact-seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--exact-seeds", type=int, nargs="*", default=[0, 1])
+    ap.add_argument("--merge", nargs="*", default=[],
+                    help="JSON lines of earlier runs (the rows this script prints) to table beside these")
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--seq", type=int, default=64, help="tokens per window")
     ap.add_argument("--batch", type=int, default=16)
@@ -215,13 +217,14 @@ def main() -> None:
     rows = [{"name": "exact", "budget": None, "overrides": {}, "seeds": args.exact_seeds}]
     rows += [{**parse_row(f"b{b:g}"), "seeds": args.seeds} for b in args.budgets]
     rows += [{**parse_row(spec), "seeds": args.seeds} for spec in args.rows]
-    results = []
+    results = [json.loads(line) for path in args.merge for line in Path(path).read_text().splitlines()
+               if line.startswith('{"row"')]
     for row in rows:
         for seed in row["seeds"]:
             r = run(row, seed, corpus, path, args)
             results.append(r)
             print(json.dumps(r), flush=True)
-    base = next(r["held_out"] for r in results if r["row"] == "exact")
+    base = next(r["held_out"] for r in results if r["row"] == "exact" and r["seed"] == 0)
     for r in results:
         r["vs_exact_pct"] = 100 * (r["held_out"] / base - 1)
     print_table(results, ["row", "seed", "held_out", "vs_exact_pct", "ratio", "ratio_bf16",

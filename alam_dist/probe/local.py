@@ -578,9 +578,10 @@ class LocalRound:
 
 def calibration_noise(grad: torch.Tensor, seed: int, block: int) -> torch.Tensor:
     """Seeded noise shaped like ``grad`` (element-wise ``CALIBRATION_SCALE * grad * N(0,1)``):
-    the same draw on every rank, on CPU, then moved."""
-    g = torch.Generator().manual_seed(key_seed(seed, "calibration", block) % (2 ** 63))
-    eps = torch.randn(grad.shape, generator=g, dtype=torch.float32).to(grad.device, grad.dtype)
+    the same draw on every rank, drawn on the gradient's device (no host-sized draw and
+    copy per level on GPUs; ranks share a device type, so they share the stream)."""
+    g = torch.Generator(device=grad.device).manual_seed(key_seed(seed, "calibration", block) % (2 ** 63))
+    eps = torch.randn(grad.shape, generator=g, dtype=torch.float32, device=grad.device).to(grad.dtype)
     return grad * eps * CALIBRATION_SCALE
 
 
