@@ -8,6 +8,7 @@ CPU they cost nothing, but the same code on a GPU would stall the step at each o
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -25,20 +26,12 @@ ALAM = {"bits": 2, "probe_steps": [0]}
 
 
 def _step(model, opt, x, counter=None):
-    with counter if counter is not None else _null():
+    with counter if counter is not None else contextlib.nullcontext():
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
     del loss
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
