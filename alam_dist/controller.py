@@ -235,8 +235,7 @@ class Controller:
             policy=self.policy, model=self.model, blocks=self._blocks,
             collective=self.collective, config=self.config, closure=closure,
             beat=watchdog.beat, seed=key_seed(self.config.seed, self.step, "probe"),
-            params=params, stat_params=params if grad_params is None else list(grad_params),
-            grad_params=grad_params, forward_per_pass=forward_per_pass,
+            params=params, grad_params=grad_params, forward_per_pass=forward_per_pass,
             collective_passes=collective_passes, batch_share=batch_share)
         out = run_round(ctx, self.config.probe)
         missing = sorted(set(out.seen) - set(out.sens))

@@ -30,9 +30,9 @@ ROUNDS = ("local", "cheap", "full")
 @dataclass
 class RoundContext:
     """What a round works with. ``closure`` runs the model's forward and returns the loss;
-    ``params`` are the trainable parameters (restored after the round), ``stat_params`` the
-    tensors whose gradient norms the statistic compares (FSDP2: the unsharded ones),
-    ``grad_params`` those the caller passed for that (None: the parameters)."""
+    ``params`` are the trainable parameters (restored after the round); ``grad_params``
+    the tensors whose gradient norms the statistic compares when they are not the
+    parameters (FSDP2: the unsharded ones)."""
 
     policy: SavedTensorPolicy
     model: torch.nn.Module
@@ -43,11 +43,15 @@ class RoundContext:
     beat: Callable[[str], None]
     seed: int
     params: list[torch.Tensor]
-    stat_params: list[torch.Tensor]
     grad_params: list[torch.Tensor] | None = None
     forward_per_pass: bool = False
     collective_passes: bool = False
     batch_share: tuple[int, int] = (1, 1)
+
+    @property
+    def stat_params(self) -> list[torch.Tensor]:
+        """The tensors whose gradient norms the statistic compares."""
+        return self.params if self.grad_params is None else list(self.grad_params)
 
 
 @dataclass
@@ -80,12 +84,13 @@ class RoundOutcome:
 
 
 @contextlib.contextmanager
-def probe_state(policy: SavedTensorPolicy, model: torch.nn.Module, batch_share: tuple[int, int],
-                tensors: list[torch.Tensor]):
+def probe_state(ctx: RoundContext):
     """A probe round's policy state around it: a fresh inventory and byte count, the
     slice's share, and on exit every probe setting reset and every recorded copy
-    released; training state (grads, RNG, buffers, modes) restored."""
-    with preserved_training_state(model, tensors), policy.probe_scope(batch_share):
+    released; training state (grads, RNG, buffers, modes) restored, for the parameters
+    and the tensors the statistic differentiates."""
+    tensors = ctx.params + list(ctx.grad_params or [])
+    with preserved_training_state(ctx.model, tensors), ctx.policy.probe_scope(ctx.batch_share):
         yield
 
 

@@ -652,7 +652,7 @@ def run_local_round(ctx) -> "RoundOutcome":
     results merged); raises NotLocal, on every rank alike, where it does not apply."""
     from alam_dist.probe import RoundOutcome, probe_state
     names = [n for n, p in ctx.model.named_parameters() if p.requires_grad]
-    with probe_state(ctx.policy, ctx.model, ctx.batch_share, ctx.params + ctx.stat_params):
+    with probe_state(ctx):
         runner = LocalRound(ctx.policy, ctx.blocks, ctx.closure, ctx.params, ctx.stat_params,
                             names, ctx.seed, probe_formats(ctx.config.ladder),
                             ctx.config.probe_granularity, ctx.forward_per_pass, ctx.beat)

@@ -158,7 +158,7 @@ def run_restart_round(ctx, kind: str):
     probed_blocks = stack.choose(ctx.config.probe_blocks) if stack else []
     restarts = None
     policy, collective, beat = ctx.policy, ctx.collective, ctx.beat
-    with probe_state(policy, ctx.model, ctx.batch_share, ctx.params + list(ctx.grad_params or [])):
+    with probe_state(ctx):
         record = Record()
         if stack is not None:
             if len(probed_blocks) < stack.count:  # others are interpolated: no exact copy
