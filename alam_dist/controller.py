@@ -32,6 +32,8 @@ import torch
 from alam_dist.config import ALAMConfig
 from alam_dist.dist import Collective, MismatchCheck
 from alam_dist.plan import Plan, PlanMismatchError, allocate
+from alam_dist.codec.formats import stored_bits
+from alam_dist.hooks import compiled as compiled_hooks
 from alam_dist.hooks.modes import Compress
 from alam_dist.hooks.policy import SavedTensorPolicy, key_seed, model_fingerprint
 from alam_dist.probe import RoundContext, RoundOutcome, run_round
@@ -69,7 +71,9 @@ class Controller:
                                         backend=self.config.backend,
                                         formats=self.config.formats,
                                         attention=self.config.attention,
-                                        training=Compress(self._bits_for, self._seed_for))
+                                        training=Compress(self._bits_for, self._seed_for,
+                                                          self._compiled_bits,
+                                                          self._compiled_seed))
         self.step = 0
         self.probed_steps: set[int] = set()
         """Steps whose scheduled probe round ran (saved with the plan: a resumed run
@@ -84,6 +88,7 @@ class Controller:
         self._mismatch_warned: set[str] = set()
         self._step_mismatches: dict[str, str] = {}
         self._mismatches = MismatchCheck(self.collective)
+        self._plan_modules: tuple[int, dict] = (0, {})
         self.clock = StepClock()  # forward_started() / end_step()
         if self.config.load_plan_path:
             self.load_plan(self.config.load_plan_path)
@@ -93,12 +98,17 @@ class Controller:
         if self.config.enabled:
             compiled = compiled_modules(self.model)
             if compiled:
+                reason = compiled_hooks.unsupported_reason()
+                fix = ("apply ALAM first, then torch.compile the model or its blocks "
+                       "(docs/compile.md)" if reason is None else
+                       f"{reason}: upgrade torch, or train without torch.compile")
                 raise RuntimeError(
-                    f"alam_dist cannot compress the activations of torch.compile'd modules "
-                    f"({', '.join(compiled[:3])}): compiled graphs run saved-tensor hooks "
-                    "outside the graph (pytorch issue 148222), so ALAM would silently compress "
-                    "nothing. Apply ALAM to the model without torch.compile, or leave ALAM off "
-                    "for the compiled model.")
+                    f"alam_dist: the model is already torch.compile'd "
+                    f"({', '.join(compiled[:3])}), and ALAM must see the module tree "
+                    f"itself to key its plan; {fix}.")
+            if compiled_hooks.unsupported_reason() is None:
+                compiled_hooks.offer_block_inputs()
+                compiled_hooks.patch_checkpoint_rng_names()
             self.policy.install()
         return self
 
@@ -125,6 +135,10 @@ class Controller:
         bits = self.plan.bits.get(key)
         if bits is None and key in self.plan.exact_keys:
             return 32  # under min_numel when the plan was made; kept exact, as it was then
+        if bits is None and self.policy.compiled_forward_seen:
+            # an eager piece of a compiled model (a graph break): keyed by the module
+            # that was running outside the graph, which the eager probe never saw
+            return self._default_bits
         if bits is None:
             msg = (f"saved tensor {key!r} ({tuple(t.shape)}, {t.dtype}) is not in the bit plan "
                    f"({len(self.plan.bits)} keys): the model's forward changed since the plan "
@@ -147,6 +161,44 @@ class Controller:
     def _seed_for(self, key: str) -> int:
         return key_seed(self.config.seed, self.step, self.collective.rank,
                         self.policy.stats.forwards, key)
+
+    def _compiled_seed(self, key: str) -> int:
+        # no forward count: a compiled graph's decode op asks again in backward
+        return key_seed(self.config.seed, self.step, self.collective.rank, "compiled", key)
+
+    def _compiled_bits(self, path: str, root_type: str, key: str) -> float:
+        """The plan's bits for a compiled graph's saved value.
+
+        Compiled graphs save other tensors than eager autograd (the partitioner chooses),
+        and blocks compiled one by one share one graph, so a value is mapped by module:
+        the plan's keys of the module at ``path`` inside every module of the compiled
+        class (or of its nearest enclosing module that has keys), their element-weighted
+        mean of stored bits, rounded to the nearest rung of the ladder."""
+        if self.plan is None:
+            return self._default_bits
+        if self._plan_modules[0] != id(self.plan):
+            by_module: dict[str, list] = {}
+            for k, b in self.plan.bits.items():
+                name = k.rsplit("/", 1)[0].replace("._orig_mod", "")
+                name = "" if name == "<root>" else name
+                by_module.setdefault(name, []).append(
+                    (self.plan.numel.get(k, 1), stored_bits(b, self.plan.raw_bits.get(k, 32),
+                                                            self.config.formats)))
+            self._plan_modules = (id(self.plan), by_module)
+        by_module = self._plan_modules[1]
+        types = self.policy.keys._types
+        roots = [""] if root_type in ("", type(self.model).__name__) else \
+            [n for n, t in types.items() if t == root_type]
+        while True:
+            found = [e for r in roots for e in by_module.get(".".join(x for x in (r, path) if x), [])]
+            if found or not path:
+                break
+            path = path.rpartition(".")[0]
+        if not found:
+            return self._default_bits
+        mean = sum(n * b for n, b in found) / sum(n for n, _ in found)
+        rungs = sorted(self.config.ladder)
+        return min(rungs, key=lambda b: (abs(stored_bits(b, 32, self.config.formats) - mean), b))
 
     def set_plan(self, plan: Plan) -> None:
         self._adopt(lambda: plan)
@@ -174,6 +226,7 @@ class Controller:
             error = err
         self.collective.check_plan(plan, error)
         self.plan = plan
+        self.policy.refresh_hooks()  # compiled regions recompile once with the new plan
 
     # -- probing --------------------------------------------------------------------------
     def probe_due(self) -> bool:
@@ -213,7 +266,9 @@ class Controller:
         rank, world = self.collective.rank, self.collective.world_size
         what = f"the ALAM probe round at step {self.step} on rank {rank} of {world}"
         watchdog = ProbeWatchdog(self.config.probe_timeout_s if world > 1 else 0, what)
-        with watchdog:
+        # the round runs the model eagerly, compiled or not: its passes key, record and
+        # swap saved tensors one by one, which only eager autograd lets it do
+        with watchdog, _eager_stance():
             try:
                 return self._probe_round(closure, watchdog, forward_per_pass, collective_passes,
                                          batch_share, grad_params)
@@ -334,12 +389,13 @@ class Controller:
             mine, self._step_mismatches = self._step_mismatches, {}
             self._mismatches.end_step(self.step, mine)
         s = self.policy.stats
-        if self.policy.installed and self.policy.compiled_forward_seen:
+        if self.policy.installed and self.policy.compiled_forward_seen \
+                and self.policy.hooks is None:
             raise RuntimeError(
-                "alam_dist: the model was run through torch.compile after ALAM was installed; "
-                "compiled graphs save their activations outside saved-tensor hooks (pytorch "
-                "issue 148222), so almost nothing was compressed. Train the model without "
-                "torch.compile to use ALAM, or leave ALAM off for the compiled model.")
+                f"alam_dist: the model was run through torch.compile, but "
+                f"{compiled_hooks.unsupported_reason()}, so compiled graphs saved their "
+                "activations uncompressed. Upgrade torch (>= 2.8), or train without "
+                "torch.compile to use ALAM.")
         if self.policy.installed and s.tensors + s.skipped_weights + s.skipped_other == 0:
             raise RuntimeError(
                 f"alam_dist: training step {self.step} saved no activation through ALAM's hooks "
@@ -388,6 +444,14 @@ class Controller:
     def note_step_seconds(self, seconds: float) -> None:
         """Tell the controller how long a (non-probe) training step took."""
         self.clock.note(seconds)
+
+
+def _eager_stance():
+    """A context in which torch.compile'd modules run eagerly (nothing where torch lacks
+    ``torch.compiler.set_stance``: nothing there is compiled with ALAM)."""
+    import contextlib
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def compiled_modules(model: torch.nn.Module) -> list[str]:

@@ -71,6 +71,7 @@ def stats_report(s: StepStats, count_nonfinite: bool = True) -> dict:
         "saved_bytes_packed": s.packed_bytes,
         "ratio": s.raw_bytes / s.packed_bytes if s.packed_bytes else 1.0,
         "tensors": s.tensors,
+        "compiled_tensors": s.compiled_tensors,
         "kept_exact_bytes": s.exact_bytes,
         "deduplicated": s.deduplicated,
         "skipped_weights": s.skipped_weights,

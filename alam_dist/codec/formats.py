@@ -60,13 +60,13 @@ class Format:
         return -(-self.values(n) * (self.kernel_bits or 2) // 8)
 
     def meta_bytes(self, n: int) -> int:
-        return self.num_groups(n) * 2 * torch.tensor([], dtype=self.meta_dtype).element_size()
+        return self.num_groups(n) * 2 * self.meta_dtype.itemsize
 
     @property
     def stored_bits(self) -> float:
         """Bits per element stored, metadata included (for whole groups): what the
         allocator budgets."""
-        meta_bits = 2 * torch.tensor([], dtype=self.meta_dtype).element_size() * 8
+        meta_bits = 2 * self.meta_dtype.itemsize * 8
         per_group_elements = GROUP * (AQ_AVG if self.kernel_bits == 0 else 1)
         return self.bits + meta_bits / per_group_elements
 

@@ -30,6 +30,7 @@ class ModuleKeys:
         self._on_recompute, self._on_compiling = on_recompute, on_compiling
         self._handles: list = []
         self._names: dict[int, str] = {}
+        self._modules: list[torch.nn.Module] = []
         self._types: dict[str, str] = {}
         self._stack: list[list] = []  # frames: [name, call index, next ordinal]
         self._calls: dict[str, int] = {}
@@ -40,15 +41,28 @@ class ModuleKeys:
             return
         for name, module in self.model.named_modules():
             self._names[id(module)] = name
+            self._modules.append(module)
             self._types[name] = type(module).__name__
-            self._handles.append(module.register_forward_pre_hook(self._pre_hook))
-            self._handles.append(module.register_forward_hook(self._post_hook, always_call=True))
+            if module is self.model:
+                # The root's hooks always run eagerly, also when the whole model is
+                # compiled (a graph break before and after its forward): they begin and
+                # end the step's saved-tensor hooks, which compiled graphs then inline.
+                pre, post = _eager(self._pre_hook), _eager(self._post_hook)
+            else:
+                pre, post = self._pre_hook, self._post_hook
+            self._handles.append(module.register_forward_pre_hook(pre))
+            self._handles.append(module.register_forward_hook(post, always_call=True))
 
     def uninstall(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._modules.clear()
         self._stack.clear()
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The modules hooked at install."""
+        return self._modules
 
     @property
     def installed(self) -> bool:
@@ -72,9 +86,8 @@ class ModuleKeys:
 
     def _pre_hook(self, module, args):
         if torch.compiler.is_compiling():
-            # dynamo is tracing this forward: the compiled graph will save its tensors
-            # without our hooks (the owner refuses the step instead of reporting a
-            # compression that did not happen)
+            # dynamo is tracing this forward: its saves are keyed by the graph
+            # (alam_dist.hooks.compiled), not by this stack
             self._on_compiling()
             return
         if not self._stack:
@@ -92,6 +105,8 @@ class ModuleKeys:
         self._stack.append([name, call, 0])
 
     def _post_hook(self, module, args, output):
+        if torch.compiler.is_compiling():
+            return
         if not self._stack:
             if self._recompute_depth > 0:
                 self._recompute_depth -= 1
@@ -101,3 +116,11 @@ class ModuleKeys:
         self._stack.pop()
         if not self._stack:
             self._on_end()
+
+
+def _eager(hook: Callable) -> Callable:
+    """``hook`` run outside dynamo's tracing (where torch has dynamo)."""
+    disable = getattr(getattr(torch, "_dynamo", None), "disable", None)
+    if disable is None:
+        return hook
+    return disable(hook)

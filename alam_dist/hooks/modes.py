@@ -39,6 +39,10 @@ class Mode:
 class Compress(Mode):
     bits_for: Callable[[str, torch.Tensor], float] = lambda key, t: 32
     seed_for: Callable[[str], int] = lambda key: 0
+    compiled_bits_for: Callable[[str, str, str], float] = lambda path, root_type, key: 32
+    """Bits of a compiled graph's saved value: (module path in the compiled module, its
+    class name, graph key) -> bits (alam_dist.hooks.compiled)."""
+    compiled_seed_for: Callable[[str], int] = lambda key: 0
     name = "compress"
     routes_attention = True
 

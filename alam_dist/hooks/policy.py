@@ -25,6 +25,7 @@ import torch
 from alam_dist import codec
 from alam_dist.attention import ConsistentAttentionMode
 from alam_dist.codec import PackedTensor
+from alam_dist.hooks import compiled
 from alam_dist.hooks.classify import (FLOATS, WeightDetector, is_weight, key_seed,  # noqa: F401
                                       model_fingerprint, storage_ptr)
 from alam_dist.hooks.keys import ModuleKeys
@@ -64,6 +65,7 @@ class StepStats:
     skipped_weights: int = 0
     skipped_other: int = 0
     forwards: int = 0
+    compiled_tensors: int = 0  # of ``tensors``: compressed inside compiled graphs
     per_key_bytes: dict[str, int] = field(default_factory=dict)
     nonfinite_flags: list = field(default_factory=list)
     """One 0-d tensor per compressed tensor, the sum of its metadata: NaN when a group of
@@ -114,6 +116,14 @@ class SavedTensorPolicy:
         self._dedup: dict[tuple, tuple[weakref.ref, weakref.ref | None]] = {}
         self._recorded: dict[str, torch.Tensor] = {}  # record mode: key -> exact tensor
         self.compiled_forward_seen = False
+        """Whether dynamo traced one of the model's forwards (compiled regions exist)."""
+        self.compiled_seen: dict[str, tuple] = {}
+        """Saved values of compiled graphs, by graph key: (shape, dtype, bits, why exact)."""
+        # The hooks are GraphModules where torch can inline them into compiled graphs
+        # (alam_dist.hooks.compiled); a new plan gets new ones (one recompile per region).
+        self._hook_generation = 0
+        self.hooks = (compiled.CompiledHooks(self, 0) if compiled.unsupported_reason() is None
+                      else None)
         self._hooks_ctx = None
         self._attention_ctx = None
 
@@ -169,14 +179,48 @@ class SavedTensorPolicy:
 
     # -- forward life cycle (ModuleKeys' callbacks) ---------------------------------------
     def _compiling(self) -> None:
-        # Recorded (dynamo replays the write) so the controller can refuse the step.
+        # Recorded (dynamo replays the write): compiled regions exist in this model.
         self.compiled_forward_seen = True
+
+    def refresh_hooks(self) -> None:
+        """New hook modules (after a plan change): each compiled region recompiles once
+        with the new plan; eager forwards behave the same with either."""
+        if self.hooks is not None:
+            self._hook_generation += 1
+            self.hooks = compiled.CompiledHooks(self, self._hook_generation)
+            self.compiled_seen.clear()
+
+    # -- what compiled graphs ask (alam_dist.hooks.compiled) ------------------------------
+    def compiled_bits(self, path: str, root_type: str, key: str) -> float:
+        """Bits of a compiled graph's saved value (traced once per graph)."""
+        bits_for = getattr(self.mode, "compiled_bits_for", None)
+        return 32.0 if bits_for is None else bits_for(path, root_type, key)
+
+    def compiled_seed(self, key: str) -> int:
+        seed_for = getattr(self.training, "compiled_seed_for", None)
+        return 0 if seed_for is None else seed_for(key)
+
+    def note_compiled(self, key: str, x: torch.Tensor, why_exact: str, bits: float) -> None:
+        self.compiled_seen[key] = (tuple(compiled._hint(d) for d in x.shape), str(x.dtype),
+                                   bits, why_exact)
+
+    def count_compiled(self, key: str, x: torch.Tensor, packed: PackedTensor) -> None:
+        """A compiled graph's encode op ran: the step's statistics, as for eager saves."""
+        raw = x.numel() * x.element_size()
+        s = self.stats
+        s.tensors += 1
+        s.compiled_tensors += 1
+        s.raw_bytes += raw
+        s.packed_bytes += packed.nbytes
+        s.per_key_bytes[key] = s.per_key_bytes.get(key, 0) + packed.nbytes
+        if packed.meta is not None:
+            s.nonfinite_flags.append(packed.meta.sum())
 
     def _recompute(self, begins: bool) -> None:
         """A forward run by backward (checkpoint recompute): its saves are not ours, but
         its attention calls must take the path the original forward took, or the
         checkpoint sees different saved tensors."""
-        if begins and self._routes_attention():
+        if begins and self._routes_attention() and not self._compiled_model():
             self._attention_ctx = ConsistentAttentionMode()
             self._attention_ctx.__enter__()
         elif not begins:
@@ -189,11 +233,28 @@ class SavedTensorPolicy:
         self._dedup.clear()
         self.stats.forwards += 1
         if self.mode.hooks:
-            self._hooks_ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+            if compiled.compiled_autograd_enabled():
+                raise RuntimeError(
+                    "alam_dist: compiled autograd is on (torch._dynamo.config."
+                    "compiled_autograd or torch._dynamo.compiled_autograd.enable): it runs "
+                    "saved-tensor hooks outside the compiled graphs, so ALAM would compress "
+                    "nothing there. Turn compiled autograd off (torch.compile of the model "
+                    "is supported), or leave ALAM off.")
+            self._hooks_ctx = (self.hooks.context() if self.hooks is not None else
+                               torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack))
             self._hooks_ctx.__enter__()
-            if self._routes_attention():
+            if self._routes_attention() and not self._compiled_model():
                 self._attention_ctx = ConsistentAttentionMode()
                 self._attention_ctx.__enter__()
+
+    def _compiled_model(self) -> bool:
+        """Whether this forward may run compiled code. Dynamo cannot trace the attention
+        router (a TorchFunctionMode) under dynamic shapes, so compiled models keep
+        torch's attention, whose saved tensors the compiled graph keys like any other."""
+        if self.compiled_forward_seen or compiled.in_optimized_module():
+            return True
+        return any(getattr(m, "_compiled_call_impl", None) is not None
+                   for m in self.keys.modules())
 
     def _routes_attention(self) -> bool:
         return self.attention == "recompute" and self.mode.routes_attention

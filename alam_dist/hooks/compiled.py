@@ -1,0 +1,432 @@
+"""ALAM inside torch.compile graphs.
+
+AOTAutograd (torch >= 2.8, PR 150032) inlines saved-tensor hooks into a compiled forward's
+epilogue and its backward's prologue when both hooks are ``torch.fx.GraphModule``\\ s. So
+the policy's hooks are GraphModules (:class:`CompiledHooks`) that call one module-level
+function each:
+
+* in eager code (no graph being compiled) they are the policy's ordinary ``pack`` and
+  ``unpack``, keys from the module stack (alam_dist.hooks.keys);
+* while AOTAutograd compiles a graph, ``pack`` is traced once per saved value of the
+  graph, with the fx node at hand: it decides there, at trace time, whether the value is
+  compressed and at which bits (the controller maps its plan onto the node: module path
+  and op, :func:`node_key`), and records an opaque ``alam_dist::encode`` op into the
+  graph; ``unpack`` records the matching ``alam_dist::decode``.
+
+Bits are compile-time constants: a new plan means new hook modules, and dynamo, which
+guards on their identity, recompiles once. Seeds are not: the ops read the running step
+when they run (:class:`Site`), so stochastic rounding and rotations change every step as
+in eager training.
+
+Values left exact in a graph (``skip_reason``): tensors no gradient flows through (an
+in-graph additive mask holding -inf: quantized, it turns gradients into NaN), views of
+graph inputs (weights), the graph's own outputs, non-float tensors other than bool masks,
+tensors under ``min_numel``. Limits of the torch API and their workarounds are in
+docs/compile.md.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx
+import torch.utils._python_dispatch
+
+from alam_dist import codec
+from alam_dist.codec.formats import REGISTRY, family, format_for
+from alam_dist.hooks.classify import FLOATS
+
+if TYPE_CHECKING:
+    from alam_dist.hooks.policy import SavedTensorPolicy
+
+
+def unsupported_reason() -> str | None:
+    """Why this torch cannot inline saved-tensor hooks into compiled graphs (None: it can)."""
+    try:
+        from torch._functorch._aot_autograd import graph_compile, utils
+    except ImportError as err:  # pragma: no cover - very old torch
+        return f"torch {torch.__version__} has no AOTAutograd graph_compile module ({err})"
+    needed = [(graph_compile, "_get_saved_tensor_hook_context"),
+              (graph_compile, "maybe_inline_graph_saved_tensors_hooks"),
+              (utils, "saved_tensors_hooks_are_inlineable")]
+    missing = [name for mod, name in needed if not hasattr(mod, name)]
+    if missing:
+        return (f"torch {torch.__version__} cannot inline saved-tensor hooks into compiled "
+                f"graphs (no {', '.join(missing)}; it came with torch 2.8)")
+    return None
+
+
+def _trace_context() -> dict | None:
+    """The fx context of the saved value AOTAutograd is tracing the pack hook for (None in
+    eager code)."""
+    global _trace_context
+    from torch._functorch._aot_autograd.graph_compile import _get_saved_tensor_hook_context
+    _trace_context = _get_saved_tensor_hook_context  # looked up once
+    return _get_saved_tensor_hook_context()
+
+
+# -- the opaque ops ------------------------------------------------------------------------
+
+@dataclass
+class Site:
+    """One compressed value of a compiled graph: what its ops need when they run."""
+
+    policy: "weakref.ReferenceType[SavedTensorPolicy]"
+    key: str
+    format: str
+    bits: float
+
+    def seed(self) -> int:
+        policy = self.policy()
+        return 0 if policy is None else policy.compiled_seed(self.key)
+
+
+_SITES: list[Site] = []
+_SITE_INDEX: dict[tuple, int] = {}
+
+
+def _site(policy: "SavedTensorPolicy", generation: int, key: str, fmt: str, bits: float) -> int:
+    """The slot of a site (the pack hook is traced more than once per value: same slot)."""
+    ident = (id(policy), generation, key, fmt)
+    slot = _SITE_INDEX.get(ident)
+    if slot is None or _SITES[slot].policy() is not policy:
+        slot = len(_SITES)
+        _SITES.append(Site(weakref.ref(policy), key, fmt, bits))
+        _SITE_INDEX[ident] = slot
+    return slot
+
+
+@torch.library.custom_op("alam_dist::encode", mutates_args=())
+def encode_op(x: torch.Tensor, fmt: str, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    site = _SITES[slot]
+    policy = site.policy()
+    backend = policy.backend if policy is not None else "auto"
+    family_name = "rotated" if REGISTRY[fmt].rotated else "minmax"
+    packed = codec.encode(x, site.bits, seed=site.seed(), backend=backend, formats=family_name)
+    if policy is not None:
+        policy.count_compiled(site.key, x, packed)
+    return packed.data, packed.meta
+
+
+@encode_op.register_fake
+def _(x, fmt, slot):
+    f = REGISTRY[fmt]
+    n = x.numel()
+    return (x.new_empty((f.payload_bytes(n),), dtype=torch.uint8),
+            x.new_empty((f.num_groups(n), 2), dtype=f.meta_dtype))
+
+
+@torch.library.custom_op("alam_dist::decode", mutates_args=())
+def decode_op(payload: torch.Tensor, meta: torch.Tensor, shape: list[int], fmt: str,
+              dtype: torch.dtype, slot: int) -> torch.Tensor:
+    site = _SITES[slot]
+    policy = site.policy()
+    packed = codec.PackedTensor(fmt, torch.Size(shape), dtype, payload.device, payload, meta,
+                                seed=site.seed() if REGISTRY[fmt].rotated else 0)
+    return codec.decode(packed, backend=policy.backend if policy is not None else "auto")
+
+
+@decode_op.register_fake
+def _(payload, meta, shape, fmt, dtype, slot):
+    return payload.new_empty(shape, dtype=dtype)
+
+
+# -- what a compiled graph keeps exact -------------------------------------------------------
+
+_VIEW_OPS = {"t", "view", "_unsafe_view", "permute", "transpose", "expand", "reshape",
+             "detach", "alias", "slice", "select", "unsqueeze", "squeeze", "as_strided",
+             "_to_copy", "clone"}
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    if node.op == "placeholder":
+        return "input"
+    target = node.target
+    name = getattr(target, "__name__", str(target))
+    return name.split(".")[0]
+
+
+def _gradient_reaches(fw: torch.fx.Graph, bw: torch.fx.Graph) -> dict:
+    """node -> whether it depends on a forward input that gets a gradient. The backward
+    graph returns one gradient (or None) per forward placeholder, in order."""
+    grads = bw.output_node().args[0]
+    reaches = {}
+    for i, ph in enumerate(fw.find_nodes(op="placeholder")):
+        reaches[ph] = i < len(grads) and grads[i] is not None
+    for n in fw.nodes:
+        if n.op != "placeholder":
+            reaches[n] = any(reaches.get(a, False) for a in n.all_input_nodes)
+    return reaches
+
+
+_GRAPH_MEMO: dict = {}
+
+
+def _graph_facts(fw: torch.fx.Graph, bw: torch.fx.Graph) -> tuple[dict, dict]:
+    """(gradient reach, node -> key) of one forward graph, computed once per graph pair."""
+    memo_key = (id(fw), id(bw))
+    facts = _GRAPH_MEMO.get(memo_key)
+    if facts is None:
+        keys, counts = {}, {}
+        for n in fw.nodes:
+            if n.op == "output":
+                continue
+            base = f"{module_path(n)}|{_op_name(n)}"
+            k = counts.get(base, 0)
+            counts[base] = k + 1
+            keys[n] = f"{base}#{k}"
+        facts = (_gradient_reaches(fw, bw), keys)
+        _GRAPH_MEMO.clear()  # only the graph being compiled is ever asked about
+        _GRAPH_MEMO[memo_key] = facts
+    return facts
+
+
+def skip_reason(node: torch.fx.Node, ctx: dict) -> str | None:
+    """Why a saved value of a compiled graph stays exact (None: compress it)."""
+    reaches, _ = _graph_facts(ctx["_fw_graph"], ctx["_bw_graph"])
+    if not reaches.get(node, True):
+        return "no gradient flows through it (a mask or table)"
+    root = node
+    while (root.op == "call_function" and root.args and isinstance(root.args[0], torch.fx.Node)
+           and _op_name(root) in _VIEW_OPS):
+        root = root.args[0]
+    if root is not node and root.op == "placeholder":
+        return "a view of a graph input (a weight)"
+    outputs = node.graph.output_node().args[0]
+    if sum(1 for o in outputs if o is node) > 1 or (root is not node and any(o is root for o in outputs)):
+        return "also an output of the graph"
+    return None
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """Innermost module of a node, relative to the compiled module: dynamo writes
+    ``L['self'].model.layers[0].mlp`` (or ``getattr(...)`` forms)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    raw = list(stack.values())[-1][0]
+    raw = re.sub(r"getattr\((.*?), '([^']+)'\)", r"\1.\2", raw)
+    raw = re.sub(r"^L\['[^']+'\]\.?", "", raw)
+    raw = re.sub(r"\['([^']+)'\]", r".\1", raw)
+    raw = re.sub(r"\[(\d+)\]", r".\1", raw)
+    return raw.replace("._orig_mod", "").strip(".")
+
+
+def root_type(node: torch.fx.Node) -> str:
+    """Class name of the compiled module (the outermost entry of the module stack)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    cls = list(stack.values())[0][1]
+    return cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1].strip("'>")
+
+
+def node_key(node: torch.fx.Node, ctx: dict) -> str:
+    """``"<module path>|<aten op>#<k>"``, k counting earlier nodes of the same path and op:
+    stable between static and dynamic-shape compiles (fx node names are not)."""
+    return _graph_facts(ctx["_fw_graph"], ctx["_bw_graph"])[1][node]
+
+
+def _hint(n: Any) -> int:
+    if isinstance(n, torch.SymInt):
+        return int(n.node.hint) if n.node.hint is not None else 1 << 62
+    return int(n)
+
+
+def _split_shape(shape) -> tuple[tuple, tuple]:
+    """(distinct SymInts, spec): torch 2.13's inliner breaks on a SymInt returned twice by
+    the pack hook (a (B, 1, S, S) mask), so each symbol is returned once and ``spec[i]``
+    says where dimension i comes from: ("c", int) or ("s", index)."""
+    syms, spec = [], []
+    for d in shape:
+        if isinstance(d, torch.SymInt):
+            for j, u in enumerate(syms):
+                if u.node.expr == d.node.expr:
+                    spec.append(("s", j))
+                    break
+            else:
+                spec.append(("s", len(syms)))
+                syms.append(d)
+        else:
+            spec.append(("c", int(d)))
+    return tuple(syms), tuple(spec)
+
+
+def _join_shape(syms, spec) -> list:
+    return [syms[v] if k == "s" else v for k, v in spec]
+
+
+def _pack_mask(x: torch.Tensor) -> torch.Tensor:
+    flat = torch.nn.functional.pad(x.reshape(-1).to(torch.uint8), (0, (-x.numel()) % 8))
+    q = flat.view(-1, 8)
+    acc = q[:, 0]
+    for k in range(1, 8):
+        acc = acc | (q[:, k] << k)
+    return acc
+
+
+def _unpack_mask(p: torch.Tensor, shape) -> torch.Tensor:
+    bits = torch.stack([(p >> k) & 1 for k in range(8)], dim=1).reshape(-1)
+    return bits[: math.prod(shape)].view(shape).to(torch.bool)
+
+
+# -- the hooks -------------------------------------------------------------------------------
+
+_POLICIES: dict[int, tuple["weakref.ReferenceType[SavedTensorPolicy]", int]] = {}
+_hook_ids = itertools.count(1)
+
+
+def _trace_pack(policy: "SavedTensorPolicy", generation: int, x: torch.Tensor, ctx: dict):
+    node = ctx["_node"]
+    key = node_key(node, ctx)
+    reason = None
+    if torch.utils._python_dispatch.is_traceable_wrapper_subclass(x):
+        reason = f"a tensor subclass ({type(x).__name__})"
+    reason = reason or skip_reason(node, ctx)
+    if reason is None and x.dtype == torch.bool:
+        policy.note_compiled(key, x, "mask", 1)
+        return ("mask", _pack_mask(x)) + _split_shape(x.shape)
+    bits = 32.0
+    if reason is None:
+        if x.dtype not in FLOATS:
+            reason = f"dtype {x.dtype}"
+        elif _hint(x.numel()) < policy.min_numel:
+            reason = "under min_numel"
+        else:
+            bits = policy.compiled_bits(module_path(node), root_type(node), key)
+            raw_bits = x.element_size() * 8
+            if bits >= raw_bits or bits == 32:
+                reason = "exact in the plan"
+    if reason is not None:
+        policy.note_compiled(key, x, reason, 32)
+        return x
+    if bits == 16:
+        policy.note_compiled(key, x, "", 16)
+        return ("bf16", x.to(torch.bfloat16), x.dtype)
+    fmt = format_for(bits, family(policy.formats))
+    slot = _site(policy, generation, key, fmt.name, bits)
+    policy.note_compiled(key, x, "", bits)
+    payload, meta = torch.ops.alam_dist.encode(x, fmt.name, slot)
+    return ("q", payload, meta) + _split_shape(x.shape) + (fmt.name, x.dtype, slot)
+
+
+@torch.fx.wrap
+def alam_pack(x, hooks_id):
+    policy_ref, generation = _POLICIES[hooks_id]
+    policy = policy_ref()
+    if policy is None:
+        return x
+    ctx = _trace_context()
+    if ctx is None:  # eager code
+        return policy.pack(x)
+    return _trace_pack(policy, generation, x, ctx)
+
+
+@torch.fx.wrap
+def alam_unpack(packed, hooks_id):
+    if isinstance(packed, tuple):
+        tag = packed[0]
+        if tag == "mask":
+            return _unpack_mask(packed[1], _join_shape(packed[2], packed[3]))
+        if tag == "bf16":
+            return packed[1].to(packed[2])
+        _, payload, meta, syms, spec, fmt, dtype, slot = packed
+        return torch.ops.alam_dist.decode(payload, meta, _join_shape(syms, spec), fmt, dtype, slot)
+    policy = _POLICIES[hooks_id][0]()
+    return packed if policy is None else policy.unpack(packed)
+
+
+class CompiledHooks:
+    """The (pack, unpack) GraphModules of one policy and plan generation. Dynamo guards on
+    their identity: a new instance (a new plan) recompiles each compiled region once."""
+
+    def __init__(self, policy: "SavedTensorPolicy", generation: int):
+        hooks_id = next(_hook_ids)
+        _POLICIES[hooks_id] = (weakref.ref(policy), generation)
+
+        # closures of this module: torch.fx.wrap patches this module's globals while
+        # tracing, so each becomes one call_function node with a constant hooks id
+        def pack(x):
+            return alam_pack(x, hooks_id)
+
+        def unpack(p):
+            return alam_unpack(p, hooks_id)
+
+        self.pack = torch.fx.symbolic_trace(pack)
+        self.unpack = torch.fx.symbolic_trace(unpack)
+        disable = getattr(torch._dynamo, "disable", None)
+        if disable is not None:
+            # Called by autograd in eager code that runs inside a compiled call (between
+            # graph breaks), a hook would itself be compiled by dynamo, once per stride
+            # pattern: never trace them (AOTAutograd inlines them by calling them)
+            for gm in (self.pack, self.unpack):
+                gm.forward = disable(gm.forward)
+        # AOTAutogradCache keys a graph on this: the plan generation must be part of it
+        cache_hash = f"alam_dist:{id(policy)}:{generation}"
+        for gm in (self.pack, self.unpack):
+            for n in gm.graph.nodes:
+                if n.meta.get("is_wrapped", False):
+                    n.meta["user_cache_hash"] = cache_hash
+
+    def context(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+def offer_block_inputs() -> None:
+    """Let compiled blocks compress their inputs too (the hidden state each block saves
+    for its norm): AOTAutograd's default offers only the graph's own intermediates.
+    Parameters and buffers (static inputs) stay excluded."""
+    cfg = torch._functorch.config
+    if getattr(cfg, "saved_tensors_hooks_filtering_mode", None) == "donated":
+        cfg.saved_tensors_hooks_filtering_mode = "no_static"
+
+
+def in_optimized_module() -> bool:
+    """Whether a ``torch.compile(module)`` wrapper is running (its hooks run eagerly)."""
+    eval_frame = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    return bool(getattr(eval_frame, "_in_optimized_module", False))
+
+
+def compiled_autograd_enabled() -> bool:
+    ca = getattr(torch._dynamo, "compiled_autograd", None)
+    return bool(ca is not None and (getattr(ca, "compiled_autograd_enabled", False)
+                                    or getattr(ca, "in_compiled_autograd_region", False)))
+
+
+def patch_checkpoint_rng_names() -> None:
+    """torch 2.13: inside an activation-checkpointed compiled region, an RNG op (dropout;
+    CPU SDPA is tagged nondeterministic) saves its RNG state as forward output
+    ``getitem_N`` but the backward names its placeholder ``rng_state_output_K``, and the
+    hook inliner asserts "could not find saved tensor". Rename those backward placeholders
+    to the forward names (pairing the unmatched ones in order) before inlining."""
+    from torch._functorch._aot_autograd import graph_compile as gc
+    original = gc.maybe_inline_graph_saved_tensors_hooks
+    if getattr(original, "_alam_patched", False):
+        return
+
+    def inline(fw_module, bw_module, num_inner_fwd_outputs, *args, **kwargs):
+        saved = fw_module.graph.output_node().args[0][num_inner_fwd_outputs:]
+        saved_names = [n.name for n in saved if isinstance(n, torch.fx.Node)]
+        placeholders = [n for n in bw_module.graph.find_nodes(op="placeholder")
+                        if not n.name.startswith("tangents")]
+        names = {n.name for n in placeholders}
+        missing = [s for s in saved_names if s not in names]
+        extra = [n for n in placeholders if n.name not in set(saved_names)]
+        if missing and len(missing) == len(extra):
+            namespace = bw_module.graph._graph_namespace
+            for name, ph in zip(missing, extra):
+                for other in bw_module.graph.nodes:
+                    if other.name == name:
+                        other._rename(name + "_bw")
+                ph.name = name
+                namespace._rename_object(ph, name)
+            bw_module.recompile()
+        return original(fw_module, bw_module, num_inner_fwd_outputs, *args, **kwargs)
+
+    inline._alam_patched = True
+    gc.maybe_inline_graph_saved_tensors_hooks = inline
