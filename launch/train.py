@@ -96,6 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--save_steps", type=int, default=0, help="checkpoint every N steps (0: never)")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUTPUT_DIR")
     ap.add_argument("--gradient_checkpointing", action="store_true", help="non-reentrant, per decoder layer")
+    ap.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                    help="torch.compile every decoder block (torchtitan's layout; ALAM compresses "
+                         "inside the compiled graphs: docs/compile.md); BACKEND: inductor "
+                         "(default) or aot_eager. DeepSpeed ZeRO 0-2")
     ap.add_argument("--fsdp", action="store_true",
                     help="run under torchrun with FSDP2 (fully_shard per decoder block) instead of "
                          "DeepSpeed; the config file's batch, accumulation, clipping, bf16 and "
@@ -242,6 +246,17 @@ class Batches:
         return data_lib.collate([self.examples[i] for i in picked], self.pad_id)
 
 
+def compile_blocks(model, backend: str) -> None:
+    """torch.compile each decoder block in place, after ALAM is installed (ALAM keys its
+    plan by the eager module tree; its probe rounds run the blocks eagerly)."""
+    from alam_dist.probe.blocks import find_blocks
+    stack = find_blocks(model)
+    if stack is None:
+        raise UsageError("--compile: no stack of decoder blocks found in the model")
+    for block in stack.modules:
+        block.compile(backend=backend)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     # Everything that can be wrong with the input is checked here, before any
@@ -251,6 +266,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise UsageError("--fsdp trains with AdamW at --lr (and --warmup_steps); the config's "
                          "\"optimizer\"/\"scheduler\" sections are DeepSpeed's: remove them or "
                          "run without --fsdp")
+    if args.compile and (args.fsdp or ds_config.get("zero_optimization", {}).get("stage", 0) == 3):
+        raise UsageError("--compile is supported with DeepSpeed ZeRO stages 0-2: FSDP2 and ZeRO-3 "
+                         "gather parameters in module hooks that compiled blocks would trace; "
+                         "drop --compile, or use a ZeRO-2 config")
     check_model_source(args)
     tok = load_tokenizer(args)
     try:
@@ -297,6 +316,8 @@ def main(argv: list[str] | None = None) -> dict:
         engine, _, _, scheduler = ads.initialize(
             model=model, optimizer=optimizer,
             model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
+    if args.compile:
+        compile_blocks(engine.module, args.compile)
     alam = getattr(engine, "alam", None)
     meter = None if alam else alam_dist.SavedActivationMeter(engine.module)
     micro_batch = engine.train_micro_batch_size_per_gpu()

@@ -243,6 +243,31 @@ def test_deepspeed_launcher_trains_with_and_without_alam(ds_runs):
 
 
 @pytest.mark.slow
+def test_deepspeed_launch_with_compiled_blocks(ds_runs, tmp_path):
+    """--compile: every decoder block torch.compile'd after ALAM is installed (2 ranks,
+    ZeRO-2); ALAM compresses inside the compiled graphs, by the plan of its eager probe."""
+    proc = _deepspeed([str(TRAIN), *TINY, "--output_dir", str(tmp_path), "--alam", "--alam_bits", "2",
+                       "--compile", "aot_eager"], timeout=400)
+    _check(proc)
+    rows = _metrics(tmp_path)
+    assert [m["step"] for m in rows] == list(range(1, 7))
+    assert all(m["saved_bytes_packed"] * 6 < m["saved_bytes_raw"] for m in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    plain = _metrics(ds_runs["plain"][1])
+    assert plain[0]["loss"] == pytest.approx(rows[0]["loss"], rel=0.05)  # same data and init
+    memory = json.loads((tmp_path / "summary.json").read_text())["memory"]
+    assert memory["compiled_tensors"] > 0.5 * memory["tensors"]
+
+
+def test_compile_with_fsdp_or_zero3_is_a_usage_error(tmp_path):
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text(json.dumps({**train.DEFAULT_DS_CONFIG, "zero_optimization": {"stage": 3}}))
+    for extra in (["--fsdp"], ["--deepspeed", str(zero3)]):
+        with pytest.raises(SystemExit, match="--compile is supported with DeepSpeed ZeRO stages 0-2"):
+            train.main(["--compile", "--alam", *extra, "--output_dir", str(tmp_path)])
+
+
+@pytest.mark.slow
 def test_resume_continues_exactly_without_reprobing(ds_runs):
     for name in ("straight", "first_half", "resumed"):
         _check(ds_runs[name][0])
