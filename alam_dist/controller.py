@@ -88,7 +88,7 @@ class Controller:
         self._mismatch_warned: set[str] = set()
         self._step_mismatches: dict[str, str] = {}
         self._mismatches = MismatchCheck(self.collective)
-        self._plan_modules: tuple[int, dict] = (0, {})
+        self._plan_modules: tuple[Plan | None, dict] = (None, {})
         self.clock = StepClock()  # forward_started() / end_step()
         if self.config.load_plan_path:
             self.load_plan(self.config.load_plan_path)
@@ -166,37 +166,42 @@ class Controller:
         # no forward count: a compiled graph's decode op asks again in backward
         return key_seed(self.config.seed, self.step, self.collective.rank, "compiled", key)
 
-    def _compiled_bits(self, path: str, root_type: str, key: str) -> float:
+    def _compiled_bits(self, path: str, key: str, op: str) -> float:
         """The plan's bits for a compiled graph's saved value.
 
         Compiled graphs save other tensors than eager autograd (the partitioner chooses),
-        and blocks compiled one by one share one graph, so a value is mapped by module:
-        the plan's keys of the module at ``path`` inside every module of the compiled
-        class (or of its nearest enclosing module that has keys), their element-weighted
-        mean of stored bits, rounded to the nearest rung of the ladder."""
+        and blocks compiled one by one share one graph, so a value is mapped by module and
+        op: the plan's keys of the module that uses it (``path``, inside
+        every compiled copy; else its nearest enclosing module with keys), those produced
+        by the same op when the last probe round saw any, their element-weighted mean of
+        stored bits, rounded to the nearest rung of the ladder."""
         if self.plan is None:
             return self._default_bits
-        if self._plan_modules[0] != id(self.plan):
+        if self._plan_modules[0] is not self.plan:  # (not id(): a new plan may reuse it)
+            seen = self._last_probe[1] if self._last_probe else {}
             by_module: dict[str, list] = {}
             for k, b in self.plan.bits.items():
                 name = k.rsplit("/", 1)[0].replace("._orig_mod", "")
                 name = "" if name == "<root>" else name
+                info = seen.get(k)
                 by_module.setdefault(name, []).append(
-                    (self.plan.numel.get(k, 1), stored_bits(b, self.plan.raw_bits.get(k, 32),
-                                                            self.config.formats)))
-            self._plan_modules = (id(self.plan), by_module)
+                    (compiled_hooks.normalise_op(info.op) if info is not None else "",
+                     self.plan.numel.get(k, 1),
+                     stored_bits(b, self.plan.raw_bits.get(k, 32), self.config.formats)))
+            self._plan_modules = (self.plan, by_module)
         by_module = self._plan_modules[1]
-        types = self.policy.keys._types
-        roots = [""] if root_type in ("", type(self.model).__name__) else \
-            [n for n, t in types.items() if t == root_type]
         while True:
-            found = [e for r in roots for e in by_module.get(".".join(x for x in (r, path) if x), [])]
+            # ``path`` is relative to the compiled module: the whole model, or a block
+            # (then it names the module inside every block)
+            found = [e for name, entries in by_module.items()
+                     if name == path or (path and name.endswith("." + path)) for e in entries]
             if found or not path:
                 break
             path = path.rpartition(".")[0]
         if not found:
             return self._default_bits
-        mean = sum(n * b for n, b in found) / sum(n for n, _ in found)
+        found = [e for e in found if e[0] == op] or found
+        mean = sum(n * b for _, n, b in found) / sum(n for _, n, _ in found)
         rungs = sorted(self.config.ladder)
         return min(rungs, key=lambda b: (abs(stored_bits(b, 32, self.config.formats) - mean), b))
 

@@ -205,25 +205,38 @@ def skip_reason(node: torch.fx.Node, ctx: dict) -> str | None:
 
 def module_path(node: torch.fx.Node) -> str:
     """Innermost module of a node, relative to the compiled module: dynamo writes
-    ``L['self'].model.layers[0].mlp`` (or ``getattr(...)`` forms)."""
+    ``L['self'].model.layers[0].mlp``, ``L['args'][0].model...`` (the whole model called
+    through torch.compile's wrapper) or ``getattr(...)`` forms."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
     raw = list(stack.values())[-1][0]
     raw = re.sub(r"getattr\((.*?), '([^']+)'\)", r"\1.\2", raw)
-    raw = re.sub(r"^L\['[^']+'\]\.?", "", raw)
+    raw = re.sub(r"^L\['[^']+'\](\[\d+\])?\.?", "", raw)  # L['self'], L['args'][0]
     raw = re.sub(r"\['([^']+)'\]", r".\1", raw)
     raw = re.sub(r"\[(\d+)\]", r".\1", raw)
     return raw.replace("._orig_mod", "").strip(".")
 
 
-def root_type(node: torch.fx.Node) -> str:
-    """Class name of the compiled module (the outermost entry of the module stack)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    cls = list(stack.values())[0][1]
-    return cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1].strip("'>")
+def producer_op(node: torch.fx.Node) -> str:
+    """The op that produced a saved value, normalised to compare with eager autograd's
+    node names (``_unsafe_view`` ~ ``UnsafeViewBackward0``)."""
+    return normalise_op(_op_name(node))
+
+
+def normalise_op(name: str) -> str:
+    name = re.sub(r"Backward\d*$", "", name)
+    return name.replace("_", "").lower()
+
+
+def consumer_path(node: torch.fx.Node) -> str:
+    """The module a saved value is saved *for*: that of its first forward user inside a
+    module (eager plans key a tensor by the module whose op saves it -- the norm for a
+    block input, ``down_proj`` for the MLP's product), else its own."""
+    for user in node.users:
+        if user.op != "output" and user.meta.get("nn_module_stack"):
+            return module_path(user)
+    return module_path(node)
 
 
 def node_key(node: torch.fx.Node, ctx: dict) -> str:
@@ -298,7 +311,7 @@ def _trace_pack(policy: "SavedTensorPolicy", generation: int, x: torch.Tensor, c
         elif _hint(x.numel()) < policy.min_numel:
             reason = "under min_numel"
         else:
-            bits = policy.compiled_bits(module_path(node), root_type(node), key)
+            bits = policy.compiled_bits(consumer_path(node), key, producer_op(node))
             raw_bits = x.element_size() * 8
             if bits >= raw_bits or bits == 32:
                 reason = "exact in the plan"

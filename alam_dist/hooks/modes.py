@@ -39,9 +39,9 @@ class Mode:
 class Compress(Mode):
     bits_for: Callable[[str, torch.Tensor], float] = lambda key, t: 32
     seed_for: Callable[[str], int] = lambda key: 0
-    compiled_bits_for: Callable[[str, str, str], float] = lambda path, root_type, key: 32
-    """Bits of a compiled graph's saved value: (module path in the compiled module, its
-    class name, graph key) -> bits (alam_dist.hooks.compiled)."""
+    compiled_bits_for: Callable[[str, str, str], float] = lambda path, key, op: 32
+    """Bits of a compiled graph's saved value: (path of the module using it, relative to
+    the compiled module; graph key; producing op) -> bits (alam_dist.hooks.compiled)."""
     compiled_seed_for: Callable[[str], int] = lambda key: 0
     name = "compress"
     routes_attention = True

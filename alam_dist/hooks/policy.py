@@ -191,10 +191,10 @@ class SavedTensorPolicy:
             self.compiled_seen.clear()
 
     # -- what compiled graphs ask (alam_dist.hooks.compiled) ------------------------------
-    def compiled_bits(self, path: str, root_type: str, key: str) -> float:
+    def compiled_bits(self, path: str, key: str, op: str) -> float:
         """Bits of a compiled graph's saved value (traced once per graph)."""
         bits_for = getattr(self.mode, "compiled_bits_for", None)
-        return 32.0 if bits_for is None else bits_for(path, root_type, key)
+        return 32.0 if bits_for is None else bits_for(path, key, op)
 
     def compiled_seed(self, key: str) -> int:
         seed_for = getattr(self.training, "compiled_seed_for", None)
