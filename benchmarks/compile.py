@@ -11,7 +11,8 @@ ALAM rows: ``alam_dist.apply``, one probe round (which runs eagerly), then compi
 row reports the first step's time (compilation included), the median warm step time,
 the memory held after the forward (RSS growth from before the forward to after it,
 median over the warm steps; glibc returns freed blocks only with
-``MALLOC_MMAP_THRESHOLD_=65536``, which this script sets for itself), ALAM's saved-
+``MALLOC_MMAP_THRESHOLD_=65536``, which this script sets for itself; with ``--device
+cuda``, the growth of ``torch.cuda.memory_allocated``), ALAM's saved-
 activation ratio and how many tensors were compressed inside compiled graphs, and the
 gradient cosine of the first step against eager exact training. The noise floor of the
 cosine is the ``compiled`` row (same math, other kernels). Prints a table and one JSON
@@ -40,7 +41,13 @@ import alam_dist  # noqa: E402
 from alam_dist.probe.inputs import loss_of  # noqa: E402
 
 
+DEVICE = torch.device("cpu")
+
+
 def rss() -> int:
+    """Bytes in use: the allocator's count on a GPU, the process's resident set on CPU."""
+    if DEVICE.type == "cuda":
+        return torch.cuda.memory_allocated(DEVICE)
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -52,7 +59,7 @@ def llama(args) -> torch.nn.Module:
                       num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
                       num_key_value_heads=args.hidden // 64, max_position_embeddings=args.seq,
                       attn_implementation="sdpa")
-    return LlamaForCausalLM(cfg).train()
+    return LlamaForCausalLM(cfg).to(DEVICE).train()
 
 
 def run(row: str, args, batch: torch.Tensor, exact_grads: torch.Tensor | None) -> dict:
@@ -78,11 +85,15 @@ def run(row: str, args, batch: torch.Tensor, exact_grads: torch.Tensor | None) -
         loss = run_model(input_ids=batch, labels=batch).loss
         held.append(rss() - before)
         loss.backward()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         if ctl is not None:
             ctl.step_done()
         grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
         if step == 0:
+            if DEVICE.type == "cuda":
+                torch.cuda.synchronize()
             if exact_grads is None:
                 exact_grads = grads.clone()
             cosine = float(torch.nn.functional.cosine_similarity(grads.double(), exact_grads.double(), dim=0))
@@ -109,10 +120,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rows", nargs="*", default=["eager", "eager+alam", "compiled", "compiled+alam"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (memory: allocated bytes)")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(1)
-    batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen)
+    batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(DEVICE)
     results, exact = [], None
     for row in args.rows:
         result, exact = run(row, args, batch, exact)
@@ -128,6 +142,7 @@ def main() -> None:
     print(json.dumps({"benchmark": "compile", "backend": args.backend, "how": args.how,
                       "budget": args.budget, "layers": args.layers, "hidden": args.hidden,
                       "batch": args.batch, "seq": args.seq, "torch": torch.__version__,
+                      "device": str(DEVICE),
                       "results": results}))
 
 

@@ -14,6 +14,8 @@
 #   codec_GBps encode+decode GB/s per format beside clone (the device's copy bandwidth)
 #   ds_zero2 / ds_zero3   deepspeed --num_gpus 1 launch/train.py --alam, NCCL, bf16
 #   fsdp       torchrun --nproc_per_node 1 launch/train.py --fsdp --alam, bf16
+#   compile    benchmarks/compile.py on the GPU (aot_eager): ALAM's encode/decode ops
+#              inside compiled graphs, memory held after forward, gradient cosine
 #   compare    benchmarks/compare.py on LLaMA-2-7B-shaped layers: step time and
 #              max_memory_allocated for none / ckpt / ALAM 4, 2, 1 / ALAM 4 + ckpt
 set -uo pipefail
@@ -45,7 +47,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 } >> "$LOG"
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  step deps 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  step deps 40 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
@@ -106,7 +108,10 @@ step fsdp 50 "$PY" -m torch.distributed.run --nproc_per_node 1 --master_port 295
   launch/train.py --fsdp --deepspeed "$CFG_DIR/z2.json" --alam --max_steps 8 --no_progress \
   --output_dir "$LOG_DIR/fsdp"
 
-step compare 110 "$PY" benchmarks/compare.py --model llama7b-2layer --dtype bf16 --seq 1024 \
+step compile 40 "$PY" benchmarks/compile.py --device cuda --backend aot_eager --steps 3 \
+  --rows eager compiled compiled+alam
+
+step compare 90 "$PY" benchmarks/compare.py --model llama7b-2layer --dtype bf16 --seq 1024 \
   --batch 4 --steps 3 --rows none ckpt alam_4 alam_2 alam_1 alam_4+ckpt \
   --out "$LOG_DIR/compare_gpu.json"
 

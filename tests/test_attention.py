@@ -48,16 +48,39 @@ def test_matches_torch_kernel_without_compression(case):
         torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-5)
 
 
-def test_only_inputs_that_need_grads_get_them_and_dropout_keeps_the_kernel():
+def test_only_inputs_that_need_grads_get_them():
     q = torch.randn(1, 2, 5, 4, requires_grad=True)
     k, v = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4, requires_grad=True)
     out = consistent_sdpa(q, k, v)
     gq, gv = torch.autograd.grad(out.sum(), (q, v))
     assert gq.shape == q.shape and gv.shape == v.shape
-    dropped = consistent_sdpa(q, k, v, dropout_p=0.5)
-    assert "ConsistentAttentionBackward" not in _graph_names(dropped)
     with torch.no_grad():
         assert consistent_sdpa(q, k, v).grad_fn is None
+
+
+@pytest.mark.parametrize("mask", [None, "float"])
+def test_dropout_attention_replays_the_mask_and_equals_torch_bit_for_bit(mask):
+    """With dropout the recompute runs from the forward's RNG state: the same mask, so
+    output and gradients equal torch's kernel under the same seed, bit for bit, and the
+    RNG stream after the call is the one torch's kernel leaves."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 33, 16, generator=g, requires_grad=True) for _ in range(3))
+    attn_mask = torch.randn(2, 1, 33, 33, generator=g) if mask else None
+    grad_out = torch.randn(2, 4, 33, 16, generator=g)
+    results = []
+    for fn in (F.scaled_dot_product_attention, consistent_sdpa):
+        torch.manual_seed(7)
+        out = fn(q, k, v, attn_mask=attn_mask, dropout_p=0.3)
+        after_forward = torch.rand(4)  # backward must not move the caller's stream
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        results.append((out, grads, after_forward, torch.rand(4)))
+    (want, want_grads, want_a, want_b), (got, got_grads, got_a, got_b) = results
+    assert torch.equal(got, want) and torch.equal(got_a, want_a) and torch.equal(got_b, want_b)
+    assert all(torch.equal(a, b) for a, b in zip(got_grads, want_grads))
+    torch.manual_seed(7)
+    other = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.3)
+    torch.manual_seed(8)
+    assert not torch.equal(consistent_sdpa(q, k, v, attn_mask=attn_mask, dropout_p=0.3), other)
 
 
 def test_mode_reroutes_user_calls_and_leaves_others_alone():

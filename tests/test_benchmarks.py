@@ -81,3 +81,19 @@ def test_finetune_quick():
     exact, alam = result["results"]
     assert exact["row"] == "exact" and alam["budget"] == 4
     assert alam["ratio"] > 4 and abs(alam["vs_exact_pct"]) < 5  # 3 steps barely move it
+
+
+def test_compile_benchmark_smoke():
+    """benchmarks/compile.py at toy size: compiled + ALAM holds less after the forward than
+    the same compiled model, compresses inside the graphs, and prints its JSON."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile.py"), "--backend",
+                           "aot_eager", "--layers", "1", "--seq", "128", "--steps", "3",
+                           "--rows", "eager", "compiled", "compiled+alam"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = {r["row"]: r for r in result["results"]}
+    assert rows["compiled+alam"]["compiled_tensors"] > 0 and rows["compiled+alam"]["ratio"] > 4
+    assert rows["compiled+alam"]["held_after_forward_mib"] < rows["compiled"]["held_after_forward_mib"] / 2
+    assert rows["compiled"]["grad_cosine"] > 0.9999 and rows["compiled+alam"]["grad_cosine"] > 0.5

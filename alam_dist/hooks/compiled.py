@@ -191,6 +191,9 @@ def skip_reason(node: torch.fx.Node, ctx: dict) -> str | None:
     reaches, _ = _graph_facts(ctx["_fw_graph"], ctx["_bw_graph"])
     if not reaches.get(node, True):
         return "no gradient flows through it (a mask or table)"
+    if (_op_name(node) == "getitem" and node.args and isinstance(node.args[0], torch.fx.Node)
+            and _is_attention(node.args[0]) and node.args[1] != 0):
+        return "the attention kernel's logsumexp (its backward needs it exact)"
     root = node
     while (root.op == "call_function" and root.args and isinstance(root.args[0], torch.fx.Node)
            and _op_name(root) in _VIEW_OPS):
@@ -216,6 +219,24 @@ def module_path(node: torch.fx.Node) -> str:
     raw = re.sub(r"\['([^']+)'\]", r".\1", raw)
     raw = re.sub(r"\[(\d+)\]", r".\1", raw)
     return raw.replace("._orig_mod", "").strip(".")
+
+
+ATTENTION_QK_BITS = 8
+"""Floor for q and k of torch's attention kernels inside compiled graphs. Their backward
+rebuilds the probabilities as exp(q kᵀ - lse) from the saved q, k against the exact lse:
+below 8 bits the probabilities stop summing to one (issue 14). Eager models avoid it by
+recomputing attention from the decoded q, k, v (alam_dist.attention), which dynamo cannot
+trace under dynamic shapes."""
+
+
+def _is_attention(node: torch.fx.Node) -> bool:
+    name = _op_name(node)
+    return name.startswith("_scaled_dot_product") or name == "scaled_dot_product_attention"
+
+
+def feeds_attention_scores(node: torch.fx.Node) -> bool:
+    """Whether a value is the query or key of a scaled-dot-product attention kernel."""
+    return any(_is_attention(user) and node in user.args[:2] for user in node.users)
 
 
 def producer_op(node: torch.fx.Node) -> str:
@@ -312,6 +333,8 @@ def _trace_pack(policy: "SavedTensorPolicy", generation: int, x: torch.Tensor, c
             reason = "under min_numel"
         else:
             bits = policy.compiled_bits(consumer_path(node), key, producer_op(node))
+            if bits < ATTENTION_QK_BITS and feeds_attention_scores(node):
+                bits = ATTENTION_QK_BITS
             raw_bits = x.element_size() * 8
             if bits >= raw_bits or bits == 32:
                 reason = "exact in the plan"
