@@ -100,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="torch.compile every decoder block (torchtitan's layout; ALAM compresses "
                          "inside the compiled graphs: docs/compile.md); BACKEND: inductor "
                          "(default) or aot_eager. DeepSpeed ZeRO 0-2")
+    ap.add_argument("--compile_scope", choices=["blocks", "model"], default="blocks",
+                    help="with --compile: every decoder block (default), or the whole model "
+                         "through DeepSpeed's engine.compile()")
     ap.add_argument("--fsdp", action="store_true",
                     help="run under torchrun with FSDP2 (fully_shard per decoder block) instead of "
                          "DeepSpeed; the config file's batch, accumulation, clipping, bf16 and "
@@ -316,7 +319,9 @@ def main(argv: list[str] | None = None) -> dict:
         engine, _, _, scheduler = ads.initialize(
             model=model, optimizer=optimizer,
             model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
-    if args.compile:
+    if args.compile and args.compile_scope == "model":
+        engine.compile(backend=args.compile)
+    elif args.compile:
         compile_blocks(engine.module, args.compile)
     alam = getattr(engine, "alam", None)
     meter = None if alam else alam_dist.SavedActivationMeter(engine.module)

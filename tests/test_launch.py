@@ -243,11 +243,13 @@ def test_deepspeed_launcher_trains_with_and_without_alam(ds_runs):
 
 
 @pytest.mark.slow
-def test_deepspeed_launch_with_compiled_blocks(ds_runs, tmp_path):
-    """--compile: every decoder block torch.compile'd after ALAM is installed (2 ranks,
-    ZeRO-2); ALAM compresses inside the compiled graphs, by the plan of its eager probe."""
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+def test_deepspeed_launch_compiled(ds_runs, tmp_path, scope):
+    """--compile: every decoder block torch.compile'd after ALAM is installed, or the whole
+    model through DeepSpeed's engine.compile() (2 ranks, ZeRO-2); ALAM compresses inside
+    the compiled graphs, by the plan of its eager probe."""
     proc = _deepspeed([str(TRAIN), *TINY, "--output_dir", str(tmp_path), "--alam", "--alam_bits", "2",
-                       "--compile", "aot_eager"], timeout=400)
+                       "--compile", "aot_eager", "--compile_scope", scope], timeout=400)
     _check(proc)
     rows = _metrics(tmp_path)
     assert [m["step"] for m in rows] == list(range(1, 7))
