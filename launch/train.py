@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                     help="torch.compile every decoder block (torchtitan's layout; ALAM compresses "
                          "inside the compiled graphs: docs/compile.md); BACKEND: inductor "
-                         "(default) or aot_eager. DeepSpeed ZeRO 0-2")
+                         "(default) or aot_eager")
     ap.add_argument("--compile_scope", choices=["blocks", "model"], default="blocks",
                     help="with --compile: every decoder block (default), or the whole model "
                          "through DeepSpeed's engine.compile()")
@@ -269,10 +269,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise UsageError("--fsdp trains with AdamW at --lr (and --warmup_steps); the config's "
                          "\"optimizer\"/\"scheduler\" sections are DeepSpeed's: remove them or "
                          "run without --fsdp")
-    if args.compile and (args.fsdp or ds_config.get("zero_optimization", {}).get("stage", 0) == 3):
-        raise UsageError("--compile is supported with DeepSpeed ZeRO stages 0-2: FSDP2 and ZeRO-3 "
-                         "gather parameters in module hooks that compiled blocks would trace; "
-                         "drop --compile, or use a ZeRO-2 config")
+    if args.compile_scope == "model" and args.fsdp:
+        raise UsageError("--compile_scope model compiles through DeepSpeed's engine.compile(); "
+                         "with --fsdp, use the default --compile_scope blocks")
     check_model_source(args)
     tok = load_tokenizer(args)
     try:
