@@ -84,10 +84,11 @@ def test_finetune_quick():
 
 
 def test_compile_benchmark_smoke():
-    """benchmarks/compile.py at toy size: compiled + ALAM holds less after the forward than
+    """benchmarks/compile.py at toy size, with inductor (the tests of tests/test_compile.py use
+    aot_eager): compiled + ALAM holds less after the forward than
     the same compiled model, compresses inside the graphs, and prints its JSON."""
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile.py"), "--backend",
-                           "aot_eager", "--layers", "1", "--seq", "128", "--steps", "3",
+                           "inductor", "--layers", "1", "--seq", "128", "--steps", "3",
                            "--rows", "eager", "compiled", "compiled+alam"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
