@@ -32,7 +32,6 @@ import torch
 from alam_dist.config import ALAMConfig
 from alam_dist.dist import Collective, MismatchCheck
 from alam_dist.plan import Plan, PlanMismatchError, allocate
-from alam_dist.codec.formats import stored_bits
 from alam_dist.hooks import compiled as compiled_hooks
 from alam_dist.hooks.modes import Compress
 from alam_dist.hooks.policy import SavedTensorPolicy, key_seed, model_fingerprint
@@ -88,7 +87,7 @@ class Controller:
         self._mismatch_warned: set[str] = set()
         self._step_mismatches: dict[str, str] = {}
         self._mismatches = MismatchCheck(self.collective)
-        self._plan_modules: tuple[Plan | None, dict] = (None, {})
+        self._plan_mapping: compiled_hooks.PlanMapping | None = None
         self.clock = StepClock()  # forward_started() / end_step()
         if self.config.load_plan_path:
             self.load_plan(self.config.load_plan_path)
@@ -167,43 +166,14 @@ class Controller:
         return key_seed(self.config.seed, self.step, self.collective.rank, "compiled", key)
 
     def _compiled_bits(self, path: str, key: str, op: str) -> float:
-        """The plan's bits for a compiled graph's saved value.
-
-        Compiled graphs save other tensors than eager autograd (the partitioner chooses),
-        and blocks compiled one by one share one graph, so a value is mapped by module and
-        op: the plan's keys of the module that uses it (``path``, inside
-        every compiled copy; else its nearest enclosing module with keys), those produced
-        by the same op when the last probe round saw any, their element-weighted mean of
-        stored bits, rounded to the nearest rung of the ladder."""
+        """The plan's bits for a compiled graph's saved value (hooks.compiled.PlanMapping)."""
         if self.plan is None:
             return self._default_bits
-        if self._plan_modules[0] is not self.plan:  # (not id(): a new plan may reuse it)
+        if self._plan_mapping is None or self._plan_mapping.plan is not self.plan:
             seen = self._last_probe[1] if self._last_probe else {}
-            by_module: dict[str, list] = {}
-            for k, b in self.plan.bits.items():
-                name = k.rsplit("/", 1)[0].replace("._orig_mod", "")
-                name = "" if name == "<root>" else name
-                info = seen.get(k)
-                by_module.setdefault(name, []).append(
-                    (compiled_hooks.normalise_op(info.op) if info is not None else "",
-                     self.plan.numel.get(k, 1),
-                     stored_bits(b, self.plan.raw_bits.get(k, 32), self.config.formats)))
-            self._plan_modules = (self.plan, by_module)
-        by_module = self._plan_modules[1]
-        while True:
-            # ``path`` is relative to the compiled module: the whole model, or a block
-            # (then it names the module inside every block)
-            found = [e for name, entries in by_module.items()
-                     if name == path or (path and name.endswith("." + path)) for e in entries]
-            if found or not path:
-                break
-            path = path.rpartition(".")[0]
-        if not found:
-            return self._default_bits
-        found = [e for e in found if e[0] == op] or found
-        mean = sum(n * b for _, n, b in found) / sum(n for _, n, _ in found)
-        rungs = sorted(self.config.ladder)
-        return min(rungs, key=lambda b: (abs(stored_bits(b, 32, self.config.formats) - mean), b))
+            self._plan_mapping = compiled_hooks.PlanMapping(
+                self.plan, {k: v.op for k, v in seen.items()}, self.config.ladder)
+        return self._plan_mapping.bits(path, op, self._default_bits)
 
     def set_plan(self, plan: Plan) -> None:
         self._adopt(lambda: plan)

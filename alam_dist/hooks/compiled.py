@@ -38,7 +38,7 @@ import torch.fx
 import torch.utils._python_dispatch
 
 from alam_dist import codec
-from alam_dist.codec.formats import REGISTRY, family, format_for
+from alam_dist.codec.formats import REGISTRY, family, format_for, stored_bits
 from alam_dist.hooks.classify import FLOATS
 
 if TYPE_CHECKING:
@@ -307,6 +307,44 @@ def _pack_mask(x: torch.Tensor) -> torch.Tensor:
 def _unpack_mask(p: torch.Tensor, shape) -> torch.Tensor:
     bits = torch.stack([(p >> k) & 1 for k in range(8)], dim=1).reshape(-1)
     return bits[: math.prod(shape)].view(shape).to(torch.bool)
+
+
+# -- the plan, mapped onto compiled graphs -----------------------------------------------------
+
+class PlanMapping:
+    """A plan's bits for the saved values of compiled graphs.
+
+    Compiled graphs save other tensors than eager autograd (the partitioner chooses), and
+    blocks compiled one by one share one graph, so a value is mapped by module and op: the
+    plan's keys of the module that uses it (``path``, relative to the compiled module, so
+    matched as a suffix: inside every compiled copy of a block; else its nearest enclosing
+    module with keys), those produced by the same op when the probe round that made the
+    plan saw them (``ops``: key -> autograd node name), their element-weighted mean of
+    stored bits, rounded to the nearest rung of the ladder."""
+
+    def __init__(self, plan, ops: dict[str, str], ladder: tuple[float, ...]):
+        self.plan = plan
+        self.ladder = sorted(ladder)
+        self.by_module: dict[str, list[tuple[str, int, float]]] = {}
+        for key, bits in plan.bits.items():
+            name = key.rsplit("/", 1)[0].replace("._orig_mod", "")
+            name = "" if name == "<root>" else name
+            self.by_module.setdefault(name, []).append(
+                (normalise_op(ops.get(key, "")), plan.numel.get(key, 1),
+                 stored_bits(bits, plan.raw_bits.get(key, 32), plan.formats)))
+
+    def bits(self, path: str, op: str, default: float) -> float:
+        while True:
+            found = [e for name, entries in self.by_module.items()
+                     if name == path or (path and name.endswith("." + path)) for e in entries]
+            if found or not path:
+                break
+            path = path.rpartition(".")[0]
+        if not found:
+            return default
+        found = [e for e in found if e[0] == op] or found
+        mean = sum(n * b for _, n, b in found) / sum(n for _, n, _ in found)
+        return min(self.ladder, key=lambda b: (abs(stored_bits(b, 32, self.plan.formats) - mean), b))
 
 
 # -- the hooks -------------------------------------------------------------------------------
