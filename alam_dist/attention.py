@@ -46,6 +46,17 @@ def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
         getattr(torch, device.type).set_rng_state(state, device)
 
 
+def _kernel_choice(q, k, v, attn_mask, dropout_p, kwargs):
+    """The SDPBackend torch runs for these arguments here (None where torch cannot say)."""
+    choose = getattr(torch, "_fused_sdp_choice", None)
+    try:
+        from torch.nn.attention import SDPBackend
+        return SDPBackend(choose(q, k, v, attn_mask, dropout_p, kwargs.get("is_causal", False),
+                                 kwargs.get("scale"), kwargs.get("enable_gqa", False)))
+    except (ImportError, TypeError, ValueError, RuntimeError):
+        return None
+
+
 class ConsistentAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, attn_mask, dropout_p, kwargs):
@@ -53,6 +64,9 @@ class ConsistentAttention(torch.autograd.Function):
         ctx.dropout_p = dropout_p
         if dropout_p:
             ctx.rng_state = _rng_state(q.device)
+            # the kernel this call runs: backward must draw the mask with the same one
+            # (torch picks by grad mode, too; each kernel draws its mask differently)
+            ctx.backend = _kernel_choice(q, k, v, attn_mask, dropout_p, kwargs)
         ctx.mask_is_tensor = isinstance(attn_mask, torch.Tensor)
         if ctx.mask_is_tensor:
             ctx.save_for_backward(q, k, v, attn_mask)
@@ -82,11 +96,18 @@ class _replayed_rng:
         self.ctx, self.device = ctx, device
 
     def __enter__(self):
+        self.kernel = None
         if self.ctx.dropout_p:
             self.saved = _rng_state(self.device)
             _set_rng_state(self.device, self.ctx.rng_state)
+            if self.ctx.backend is not None:
+                from torch.nn.attention import sdpa_kernel
+                self.kernel = sdpa_kernel([self.ctx.backend])
+                self.kernel.__enter__()
 
     def __exit__(self, *exc):
+        if self.kernel is not None:
+            self.kernel.__exit__(*exc)
         if self.ctx.dropout_p:
             _set_rng_state(self.device, self.saved)
 

@@ -162,17 +162,18 @@ class Controller:
                         self.policy.stats.forwards, key)
 
     def _compiled_seed(self, key: str) -> int:
-        # no forward count: a compiled graph's decode op asks again in backward
-        return key_seed(self.config.seed, self.step, self.collective.rank, "compiled", key)
+        # drawn by a compiled graph's encode op when it runs, carried to its decode op
+        return key_seed(self.config.seed, self.step, self.collective.rank,
+                        self.policy.stats.forwards, "compiled", key)
 
     def _compiled_bits(self, path: str, key: str, op: str) -> float:
         """The plan's bits for a compiled graph's saved value (hooks.compiled.PlanMapping)."""
         if self.plan is None:
             return self._default_bits
         if self._plan_mapping is None or self._plan_mapping.plan is not self.plan:
-            seen = self._last_probe[1] if self._last_probe else {}
-            self._plan_mapping = compiled_hooks.PlanMapping(
-                self.plan, {k: v.op for k, v in seen.items()}, self.config.ladder)
+            # the compiled modules: a graph's values outside any submodule belong to them
+            roots = [n for n in compiled_modules(self.model) if n != "<the model>"] or [""]
+            self._plan_mapping = compiled_hooks.PlanMapping(self.plan, self.config.ladder, roots)
         return self._plan_mapping.bits(path, op, self._default_bits)
 
     def set_plan(self, plan: Plan) -> None:
@@ -314,6 +315,7 @@ class Controller:
                         floors={k: self.config.floor_for(k, v.module_type, v.op) for k, v in seen.items()},
                         formats=self.config.formats)
         plan.exact_keys = small
+        plan.ops = {k: v.op for k, v in seen.items()}
         self.set_plan(plan)
         return plan
 
@@ -375,9 +377,9 @@ class Controller:
             raise RuntimeError(
                 f"alam_dist: training step {self.step} saved no activation through ALAM's hooks "
                 f"({s.forwards} forward(s) of the model seen), so nothing was compressed. Usual "
-                "causes: the model (or a submodule) runs under torch.compile, which calls "
-                "saved-tensor hooks outside its graph; the forward ran under torch.no_grad(); "
-                "or the forward was of another module than the one ALAM was applied to.")
+                "causes: the forward ran under torch.no_grad(); the forward was of another "
+                "module than the one ALAM was applied to; or a module was torch.compile'd "
+                "with its own saved-tensor hooks active (apply ALAM first, then compile).")
         self._last_stats = self.policy.stats
         self.policy.stats = type(self._last_stats)()
         self.step += 1

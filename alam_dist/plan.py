@@ -53,6 +53,9 @@ class Plan:
     exact_keys: list[str] = field(default_factory=list)
     """Float tensors the probe saw under ``min_numel`` (kept exact): at a larger batch or
     sequence they may cross it, and are then kept exact instead of being a mismatch."""
+    ops: dict[str, str] = field(default_factory=dict)
+    """key -> the autograd node that produced the tensor (e.g. ``MulBackward0``): how
+    compiled graphs' saved values are matched to the plan (alam_dist.hooks.compiled)."""
 
     def __post_init__(self) -> None:
         self.formats = family(self.formats)  # the old spelling "seed" is "minmax"
@@ -89,7 +92,7 @@ class Plan:
         return {"version": PLAN_VERSION, "fingerprint": self.fingerprint, "budget": self.budget,
                 "average_bits": self.average_bits(), "bits": self.bits, "numel": self.numel,
                 "raw_bits": self.raw_bits, "sensitivity": self.sensitivity,
-                "formats": self.formats, "exact_keys": list(self.exact_keys)}
+                "formats": self.formats, "exact_keys": list(self.exact_keys), "ops": self.ops}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
@@ -122,6 +125,7 @@ class Plan:
                    numel={k: int(v) for k, v in d.get("numel", {}).items()},
                    raw_bits={k: int(v) for k, v in d.get("raw_bits", {}).items()},
                    exact_keys=[str(k) for k in d.get("exact_keys", [])],
+                   ops={str(k): str(v) for k, v in d.get("ops", {}).items()},
                    fingerprint=d.get("fingerprint", ""), budget=d.get("budget"),
                    sensitivity={k: float(v) for k, v in d.get("sensitivity", {}).items()})
 

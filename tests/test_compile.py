@@ -108,6 +108,24 @@ def test_compiled_gradients_equal_eager_with_the_same_quantization_bit_for_bit()
     assert not torch.equal(comp, _grads(exact))  # it was quantized
 
 
+def test_decode_uses_the_seed_encode_drew_even_after_the_step_ended():
+    """Rotated formats decode with the encode seed's sign flips: the compiled decode op
+    reads the seed the encode op drew, not the controller's step at backward time."""
+    x = torch.randn(64, 64)
+
+    def run(end_step_before_backward: bool):
+        model = _mlp()
+        ctl = alam_dist.apply(model, alam_dist.ALAMConfig(bits=2, min_numel=256, probe_steps=()))
+        assert ctl.config.formats == "rotated"
+        loss = torch.compile(model, backend="aot_eager")(x).pow(2).sum()
+        if end_step_before_backward:
+            ctl.step_done()
+        loss.backward()
+        return _grads(model)
+
+    assert torch.equal(run(True), run(False))
+
+
 def test_whole_model_compile_trains_compressed_by_the_plan():
     """A tiny LLaMA compiled whole after apply + probe: the compiled graphs compress
     (the memory report counts them), tables and masks stay exact, gradients stay close,

@@ -27,6 +27,7 @@ docs/compile.md.
 from __future__ import annotations
 
 import itertools
+import uuid
 import math
 import re
 import weakref
@@ -101,16 +102,23 @@ def _site(policy: "SavedTensorPolicy", generation: int, key: str, fmt: str, bits
     return slot
 
 
+_SEED_MASK = (1 << 63) - 1  # an int64 holds it
+
+
 @torch.library.custom_op("alam_dist::encode", mutates_args=())
-def encode_op(x: torch.Tensor, fmt: str, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_op(x: torch.Tensor, fmt: str, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(payload, meta, seed): the seed is drawn here, when the graph runs (per step, rank,
+    forward and value), and handed to decode in a host scalar, so decoding neither
+    recomputes it (the step may have ended) nor waits for the device to read it."""
     site = _SITES[slot]
     policy = site.policy()
     backend = policy.backend if policy is not None else "auto"
     family_name = "rotated" if REGISTRY[fmt].rotated else "minmax"
-    packed = codec.encode(x, site.bits, seed=site.seed(), backend=backend, formats=family_name)
+    seed = site.seed() & _SEED_MASK
+    packed = codec.encode(x, site.bits, seed=seed, backend=backend, formats=family_name)
     if policy is not None:
         policy.count_compiled(site.key, x, packed)
-    return packed.data, packed.meta
+    return packed.data, packed.meta, torch.tensor(seed, dtype=torch.int64)
 
 
 @encode_op.register_fake
@@ -118,22 +126,39 @@ def _(x, fmt, slot):
     f = REGISTRY[fmt]
     n = x.numel()
     return (x.new_empty((f.payload_bytes(n),), dtype=torch.uint8),
-            x.new_empty((f.num_groups(n), 2), dtype=f.meta_dtype))
+            x.new_empty((f.num_groups(n), 2), dtype=f.meta_dtype),
+            torch.empty((), dtype=torch.int64, device="cpu"))
 
 
 @torch.library.custom_op("alam_dist::decode", mutates_args=())
-def decode_op(payload: torch.Tensor, meta: torch.Tensor, shape: list[int], fmt: str,
-              dtype: torch.dtype, slot: int) -> torch.Tensor:
-    site = _SITES[slot]
-    policy = site.policy()
+def decode_op(payload: torch.Tensor, meta: torch.Tensor, seed: torch.Tensor, shape: list[int],
+              fmt: str, dtype: torch.dtype, slot: int) -> torch.Tensor:
+    policy = _SITES[slot].policy()
     packed = codec.PackedTensor(fmt, torch.Size(shape), dtype, payload.device, payload, meta,
-                                seed=site.seed() if REGISTRY[fmt].rotated else 0)
+                                seed=int(seed) if REGISTRY[fmt].rotated else 0)  # host scalar
     return codec.decode(packed, backend=policy.backend if policy is not None else "auto")
 
 
 @decode_op.register_fake
-def _(payload, meta, shape, fmt, dtype, slot):
+def _(payload, meta, seed, shape, fmt, dtype, slot):
     return payload.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("alam_dist::count_exact", mutates_args=())
+def count_exact_op(x: torch.Tensor, slot: int) -> torch.Tensor:
+    """A value the graph keeps as it is: counted in the step's statistics as eager saves
+    are (its bytes on both sides of the ratio). Returns an empty tensor (an op's output
+    may not alias its input), saved beside the value at no cost."""
+    site = _SITES[slot]
+    policy = site.policy()
+    if policy is not None:
+        policy.count_compiled_exact(site.key, x)
+    return x.new_empty(0)
+
+
+@count_exact_op.register_fake
+def _(x, slot):
+    return x.new_empty(0)
 
 
 # -- what a compiled graph keeps exact -------------------------------------------------------
@@ -318,25 +343,31 @@ class PlanMapping:
     blocks compiled one by one share one graph, so a value is mapped by module and op: the
     plan's keys of the module that uses it (``path``, relative to the compiled module, so
     matched as a suffix: inside every compiled copy of a block; else its nearest enclosing
-    module with keys), those produced by the same op when the probe round that made the
-    plan saw them (``ops``: key -> autograd node name), their element-weighted mean of
-    stored bits, rounded to the nearest rung of the ladder."""
+    module with keys; a value outside any submodule belongs to the compiled ``roots``),
+    those produced by the same op (``plan.ops``, recorded by the probe round), their
+    element-weighted mean of stored bits, rounded to the nearest rung of the ladder."""
 
-    def __init__(self, plan, ops: dict[str, str], ladder: tuple[float, ...]):
+    def __init__(self, plan, ladder: tuple[float, ...], roots: list[str]):
         self.plan = plan
         self.ladder = sorted(ladder)
+        self.roots = roots
         self.by_module: dict[str, list[tuple[str, int, float]]] = {}
         for key, bits in plan.bits.items():
             name = key.rsplit("/", 1)[0].replace("._orig_mod", "")
             name = "" if name == "<root>" else name
             self.by_module.setdefault(name, []).append(
-                (normalise_op(ops.get(key, "")), plan.numel.get(key, 1),
+                (normalise_op(plan.ops.get(key, "")), plan.numel.get(key, 1),
                  stored_bits(bits, plan.raw_bits.get(key, 32), plan.formats)))
+
+    def _entries(self, path: str) -> list:
+        if not path:
+            return [e for r in self.roots for e in self.by_module.get(r, [])]
+        return [e for name, entries in self.by_module.items()
+                if name == path or name.endswith("." + path) for e in entries]
 
     def bits(self, path: str, op: str, default: float) -> float:
         while True:
-            found = [e for name, entries in self.by_module.items()
-                     if name == path or (path and name.endswith("." + path)) for e in entries]
+            found = self._entries(path)
             if found or not path:
                 break
             path = path.rpartition(".")[0]
@@ -351,6 +382,12 @@ class PlanMapping:
 
 _POLICIES: dict[int, tuple["weakref.ReferenceType[SavedTensorPolicy]", int]] = {}
 _hook_ids = itertools.count(1)
+
+
+COUNTED_EXACT = ("under min_numel", "exact in the plan",
+                 "the attention kernel's logsumexp (its backward needs it exact)")
+"""Why-exact reasons of activations: counted per step like eager saves kept exact (weights,
+masks and tables are not activation memory and are not counted, as in eager)."""
 
 
 def _trace_pack(policy: "SavedTensorPolicy", generation: int, x: torch.Tensor, ctx: dict):
@@ -378,6 +415,9 @@ def _trace_pack(policy: "SavedTensorPolicy", generation: int, x: torch.Tensor, c
                 reason = "exact in the plan"
     if reason is not None:
         policy.note_compiled(key, x, reason, 32)
+        if reason in COUNTED_EXACT or reason.startswith("dtype"):
+            slot = _site(policy, generation, key, "exact", 32)
+            return ("exact", x, torch.ops.alam_dist.count_exact(x, slot))
         return x
     if bits == 16:
         policy.note_compiled(key, x, "", 16)
@@ -385,8 +425,8 @@ def _trace_pack(policy: "SavedTensorPolicy", generation: int, x: torch.Tensor, c
     fmt = format_for(bits, family(policy.formats))
     slot = _site(policy, generation, key, fmt.name, bits)
     policy.note_compiled(key, x, "", bits)
-    payload, meta = torch.ops.alam_dist.encode(x, fmt.name, slot)
-    return ("q", payload, meta) + _split_shape(x.shape) + (fmt.name, x.dtype, slot)
+    payload, meta, seed = torch.ops.alam_dist.encode(x, fmt.name, slot)
+    return ("q", payload, meta, seed) + _split_shape(x.shape) + (fmt.name, x.dtype, slot)
 
 
 @torch.fx.wrap
@@ -409,8 +449,11 @@ def alam_unpack(packed, hooks_id):
             return _unpack_mask(packed[1], _join_shape(packed[2], packed[3]))
         if tag == "bf16":
             return packed[1].to(packed[2])
-        _, payload, meta, syms, spec, fmt, dtype, slot = packed
-        return torch.ops.alam_dist.decode(payload, meta, _join_shape(syms, spec), fmt, dtype, slot)
+        if tag == "exact":
+            return packed[1]
+        _, payload, meta, seed, syms, spec, fmt, dtype, slot = packed
+        return torch.ops.alam_dist.decode(payload, meta, seed, _join_shape(syms, spec), fmt,
+                                          dtype, slot)
     policy = _POLICIES[hooks_id][0]()
     return packed if policy is None else policy.unpack(packed)
 
@@ -441,7 +484,7 @@ class CompiledHooks:
             for gm in (self.pack, self.unpack):
                 gm.forward = disable(gm.forward)
         # AOTAutogradCache keys a graph on this: the plan generation must be part of it
-        cache_hash = f"alam_dist:{id(policy)}:{generation}"
+        cache_hash = f"alam_dist:{uuid.uuid4().hex}"  # never a hit across plans or runs
         for gm in (self.pack, self.unpack):
             for n in gm.graph.nodes:
                 if n.meta.get("is_wrapped", False):
@@ -472,6 +515,14 @@ def compiled_autograd_enabled() -> bool:
                                     or getattr(ca, "in_compiled_autograd_region", False)))
 
 
+def _same_value(a: torch.fx.Node, b: torch.fx.Node) -> bool:
+    """Whether two graph values look alike (shape and dtype of their example values): the
+    rename pairs RNG states only, in order, and refuses anything else."""
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    return (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)
+            and va.dtype == vb.dtype and tuple(va.shape) == tuple(vb.shape))
+
+
 def patch_checkpoint_rng_names() -> None:
     """torch 2.13: inside an activation-checkpointed compiled region, an RNG op (dropout;
     CPU SDPA is tagged nondeterministic) saves its RNG state as forward output
@@ -491,7 +542,9 @@ def patch_checkpoint_rng_names() -> None:
         names = {n.name for n in placeholders}
         missing = [s for s in saved_names if s not in names]
         extra = [n for n in placeholders if n.name not in set(saved_names)]
-        if missing and len(missing) == len(extra):
+        by_name = {n.name: n for n in saved if isinstance(n, torch.fx.Node)}
+        if missing and len(missing) == len(extra) and all(
+                _same_value(by_name[name], ph) for name, ph in zip(missing, extra)):
             namespace = bw_module.graph._graph_namespace
             for name, ph in zip(missing, extra):
                 for other in bw_module.graph.nodes:
@@ -500,7 +553,10 @@ def patch_checkpoint_rng_names() -> None:
                 ph.name = name
                 namespace._rename_object(ph, name)
             bw_module.recompile()
-        return original(fw_module, bw_module, num_inner_fwd_outputs, *args, **kwargs)
+        try:
+            return original(fw_module, bw_module, num_inner_fwd_outputs, *args, **kwargs)
+        finally:
+            _GRAPH_MEMO.clear()  # the graph's facts are needed only while it is inlined
 
     inline._alam_patched = True
     gc.maybe_inline_graph_saved_tensors_hooks = inline

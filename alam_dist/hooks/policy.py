@@ -122,6 +122,7 @@ class SavedTensorPolicy:
         # The hooks are GraphModules where torch can inline them into compiled graphs
         # (alam_dist.hooks.compiled); a new plan gets new ones (one recompile per region).
         self._hook_generation = 0
+        self._all_hooks: list = []
         self.hooks = (compiled.CompiledHooks(self, 0) if compiled.unsupported_reason() is None
                       else None)
         self._hooks_ctx = None
@@ -186,6 +187,10 @@ class SavedTensorPolicy:
         """New hook modules (after a plan change): each compiled region recompiles once
         with the new plan; eager forwards behave the same with either."""
         if self.hooks is not None:
+            # every generation stays alive with the policy: dynamo guards on the hooks'
+            # ids, and a freed module's id reused by a later one would match a graph
+            # compiled for an older plan
+            self._all_hooks.append(self.hooks)
             self._hook_generation += 1
             self.hooks = compiled.CompiledHooks(self, self._hook_generation)
             self.compiled_seen.clear()
@@ -203,6 +208,15 @@ class SavedTensorPolicy:
     def note_compiled(self, key: str, x: torch.Tensor, why_exact: str, bits: float) -> None:
         self.compiled_seen[key] = (tuple(compiled._hint(d) for d in x.shape), str(x.dtype),
                                    bits, why_exact)
+
+    def count_compiled_exact(self, key: str, x: torch.Tensor) -> None:
+        """A compiled graph kept an activation as it is (counted on both sides)."""
+        nbytes = x.numel() * x.element_size()
+        s = self.stats
+        s.tensors += 1
+        s.raw_bytes += nbytes
+        s.packed_bytes += nbytes
+        s.exact_bytes += nbytes
 
     def count_compiled(self, key: str, x: torch.Tensor, packed: PackedTensor) -> None:
         """A compiled graph's encode op ran: the step's statistics, as for eager saves."""
