@@ -111,6 +111,12 @@ class Controller:
             self.policy.install()
         return self
 
+    def close(self) -> None:
+        """End of training: settle what the last step left pending (its plan-mismatch
+        check, read a step late on GPUs, so a last-step mismatch still raises on every
+        rank). Collective in multi-rank runs: every rank calls it."""
+        self._mismatches.close()
+
     def uninstall_hook(self) -> None:
         self.policy.uninstall()
 

@@ -188,6 +188,11 @@ class MismatchCheck:
         if flag.immediate:
             self._resolve(*self._pending)
 
+    def close(self) -> None:
+        """Read the last step's flag (on GPUs it waits a step): every rank calls it."""
+        if self._pending is not None:
+            self._resolve(*self._pending)
+
     def _resolve(self, step: int, flag: RankFlag, mine: dict[str, str]) -> None:
         self._pending = None
         if not flag.value():

@@ -395,6 +395,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "train_step": step + 1, "train_position": [int(p) for p in positions]})
     if bar:
         bar.close()
+    if alam:
+        alam.controller.close()  # the last step's plan-mismatch check (read late on GPUs)
     train_steps = [r["step_s"] for r in history if not r["probe_step"]]
     summary = {"alam": bool(alam), "world_size": world, "steps": args.max_steps,
                "final_loss": history[-1]["loss"] if history else None,

@@ -457,3 +457,23 @@ def test_a_plan_holds_when_longer_sequences_push_small_tensors_over_min_numel():
     ctl.step_done()
     report = ctl.memory_report()
     assert report["ratio"] > 4
+
+
+def test_close_reads_the_last_steps_deferred_mismatch_flag():
+    """Under NCCL a step's plan-mismatch flag is read one step later (no host sync in the
+    step): the last step's flag is read by Controller.close() at the end of training."""
+    from alam_dist.dist import Collective, MismatchCheck, RankFlag
+
+    class Deferred(Collective):
+        def any_rank(self, flag: bool) -> RankFlag:
+            class Recorded:  # stands for the CUDA event behind the host copy
+                def synchronize(self):
+                    pass
+            return RankFlag(torch.tensor([int(flag)], dtype=torch.int32), Recorded())
+
+    check = MismatchCheck(Deferred())
+    check.end_step(0, {})
+    check.end_step(1, {"model.new/0.0": "(4, 8) torch.float32"})  # deferred: no raise yet
+    with pytest.raises(PlanMismatchError, match="training step 1.*model.new/0.0"):
+        check.close()
+    check.close()  # nothing left pending
