@@ -224,9 +224,9 @@ def main() -> None:
             r = run(row, seed, corpus, path, args)
             results.append(r)
             print(json.dumps(r), flush=True)
-    base = next(r["held_out"] for r in results if r["row"] == "exact" and r["seed"] == 0)
-    for r in results:
-        r["vs_exact_pct"] = 100 * (r["held_out"] / base - 1)
+    base = next((r["held_out"] for r in results if r["row"] == "exact" and r["seed"] == 0), None)
+    for r in results:  # against exact seed 0 (run it, or --merge a run that has it)
+        r["vs_exact_pct"] = None if base is None else 100 * (r["held_out"] / base - 1)
     print_table(results, ["row", "seed", "held_out", "vs_exact_pct", "ratio", "ratio_bf16",
                           "plan_bits", "format_share", "seconds"])
     print_json("finetune", results, train_windows=len(corpus.train), held_windows=len(corpus.held),
