@@ -83,7 +83,7 @@ class Controller:
         self._last_probe: tuple | None = None
         self._fingerprint = model_fingerprint(model)
         self._blocks = find_blocks(model)
-        self._default_bits = _uniform_bits(self.config.bits, self.config.ladder)
+        self._default_bits = _uniform_bits(self.config.bits, self.config.ladder_for(self.config.bits))
         self._mismatch_warned: set[str] = set()
         self._step_mismatches: dict[str, str] = {}
         self._mismatches = MismatchCheck(self.collective)
@@ -179,7 +179,8 @@ class Controller:
         if self._plan_mapping is None or self._plan_mapping.plan is not self.plan:
             # the compiled modules: a graph's values outside any submodule belong to them
             roots = [n for n in compiled_modules(self.model) if n != "<the model>"] or [""]
-            self._plan_mapping = compiled_hooks.PlanMapping(self.plan, self.config.ladder, roots)
+            self._plan_mapping = compiled_hooks.PlanMapping(
+                self.plan, self.config.ladder_for(self.plan.budget or self.config.bits), roots)
         return self._plan_mapping.bits(path, op, self._default_bits)
 
     def set_plan(self, plan: Plan) -> None:
@@ -317,7 +318,7 @@ class Controller:
         sens, seen, error_ratio, small = self._last_probe
         plan = allocate(sens, {k: v.numel for k, v in seen.items()},
                         {k: v.raw_bits for k, v in seen.items()}, budget,
-                        self.config.ladder, self._fingerprint, error_ratio=error_ratio,
+                        self.config.ladder_for(budget), self._fingerprint, error_ratio=error_ratio,
                         floors={k: self.config.floor_for(k, v.module_type, v.op) for k, v in seen.items()},
                         formats=self.config.formats)
         plan.exact_keys = small
