@@ -14,9 +14,10 @@ function each:
   graph; ``unpack`` records the matching ``alam_dist::decode``.
 
 Bits are compile-time constants: a new plan means new hook modules, and dynamo, which
-guards on their identity, recompiles once. Seeds are not: the ops read the running step
-when they run (:class:`Site`), so stochastic rounding and rotations change every step as
-in eager training.
+guards on their identity, recompiles once. Seeds are not: the encode op draws one when it
+runs (step, rank, forward, value: :class:`Site`) and hands it to the decode op in a host
+scalar, so stochastic rounding and rotations change every step. Blocks compiled one by
+one share a graph, and so share their values' seeds within a forward.
 
 Values left exact in a graph (``skip_reason``): tensors no gradient flows through (an
 in-graph additive mask holding -inf: quantized, it turns gradients into NaN), views of
