@@ -24,10 +24,12 @@ def llama_and_exact():
 
 
 @pytest.mark.parametrize("budget,min_cos,floors", [
-    (3, 0.98, None), (2, 0.9, None), (1, 0.5, {"*Norm:*/*.0": 4})])
+    (3, 0.98, None), (2, 0.83, None), (1, 0.5, {"*Norm:*/*.0": 4})])
 def test_gradient_cosine_to_exact(llama_and_exact, budget, min_cos, floors):
     # Measured on this setup (docs/controller.md, rotated formats): budget 3 -> 0.99,
-    # 2 -> 0.915, 1 -> 0.56 without the 8-bit floor on the loss's log-probabilities (which
+    # 2 -> 0.854 (0.915 with the 0.5-bit rung, which the default ladder leaves out at
+    # budgets >= 1.25: chosen by held-out fine-tune loss, +1.5 % instead of +2.9 %, not by
+    # this cosine), 1 -> 0.56 without the 8-bit floor on the loss's log-probabilities (which
     # are a fifth of this toy's activations, so with it budget 1 leaves the rest at
     # average quantization; at LLM scale they are ~1%). The floors (norm inputs at 4 bits,
     # log-probabilities at 8) cost this toy cosine at low budgets; they keep training.
