@@ -33,6 +33,7 @@ from alam_dist.config import ALAMConfig
 from alam_dist.dist import Collective, MismatchCheck
 from alam_dist.plan import Plan, PlanMismatchError, allocate
 from alam_dist.hooks import compiled as compiled_hooks
+from alam_dist.hooks.compiled import compiled_modules
 from alam_dist.hooks.modes import Compress
 from alam_dist.hooks.policy import SavedTensorPolicy, key_seed, model_fingerprint
 from alam_dist.probe import RoundContext, RoundOutcome, run_round
@@ -436,18 +437,6 @@ def _eager_stance():
     import contextlib
     set_stance = getattr(torch.compiler, "set_stance", None)
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
-
-
-def compiled_modules(model: torch.nn.Module) -> list[str]:
-    """Names of torch.compile'd modules in ``model``: the model itself when it is the
-    wrapper torch.compile returns, and every module compiled in place (module.compile())."""
-    names = []
-    if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
-        names.append("<the model>")
-    for name, module in model.named_modules():
-        if getattr(module, "_compiled_call_impl", None) is not None:
-            names.append(name or "<the model>")
-    return names
 
 
 # -- seed API: module-level config -----------------------------------------------------------

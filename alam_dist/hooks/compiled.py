@@ -504,6 +504,18 @@ def offer_block_inputs() -> None:
         cfg.saved_tensors_hooks_filtering_mode = "no_static"
 
 
+def compiled_modules(model: torch.nn.Module) -> list[str]:
+    """Names of torch.compile'd modules in ``model``: the model itself when it is the
+    wrapper torch.compile returns, and every module compiled in place (module.compile())."""
+    names = []
+    if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+        names.append("<the model>")
+    for name, module in model.named_modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            names.append(name or "<the model>")
+    return names
+
+
 def in_optimized_module() -> bool:
     """Whether a ``torch.compile(module)`` wrapper is running (its hooks run eagerly)."""
     eval_frame = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)

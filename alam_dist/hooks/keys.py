@@ -30,7 +30,6 @@ class ModuleKeys:
         self._on_recompute, self._on_compiling = on_recompute, on_compiling
         self._handles: list = []
         self._names: dict[int, str] = {}
-        self._modules: list[torch.nn.Module] = []
         self._types: dict[str, str] = {}
         self._stack: list[list] = []  # frames: [name, call index, next ordinal]
         self._calls: dict[str, int] = {}
@@ -41,7 +40,6 @@ class ModuleKeys:
             return
         for name, module in self.model.named_modules():
             self._names[id(module)] = name
-            self._modules.append(module)
             self._types[name] = type(module).__name__
             if module is self.model:
                 # The root's hooks always run eagerly, also when the whole model is
@@ -57,12 +55,7 @@ class ModuleKeys:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._modules.clear()
         self._stack.clear()
-
-    def modules(self) -> list[torch.nn.Module]:
-        """The modules hooked at install."""
-        return self._modules
 
     @property
     def installed(self) -> bool:

@@ -220,15 +220,11 @@ class SavedTensorPolicy:
 
     def count_compiled(self, key: str, x: torch.Tensor, packed: PackedTensor) -> None:
         """A compiled graph's encode op ran: the step's statistics, as for eager saves."""
-        raw = x.numel() * x.element_size()
         s = self.stats
         s.tensors += 1
         s.compiled_tensors += 1
-        s.raw_bytes += raw
-        s.packed_bytes += packed.nbytes
-        s.per_key_bytes[key] = s.per_key_bytes.get(key, 0) + packed.nbytes
-        if packed.meta is not None:
-            s.nonfinite_flags.append(packed.meta.sum())
+        s.raw_bytes += x.numel() * x.element_size()
+        self._count_packed(key, packed)
 
     def _recompute(self, begins: bool) -> None:
         """A forward run by backward (checkpoint recompute): its saves are not ours, but
@@ -265,10 +261,8 @@ class SavedTensorPolicy:
         """Whether this forward may run compiled code. Dynamo cannot trace the attention
         router (a TorchFunctionMode) under dynamic shapes, so compiled models keep
         torch's attention, whose saved tensors the compiled graph keys like any other."""
-        if self.compiled_forward_seen or compiled.in_optimized_module():
-            return True
-        return any(getattr(m, "_compiled_call_impl", None) is not None
-                   for m in self.keys.modules())
+        return (self.compiled_forward_seen or compiled.in_optimized_module()
+                or bool(compiled.compiled_modules(self.model)))
 
     def _routes_attention(self) -> bool:
         return self.attention == "recompute" and self.mode.routes_attention
@@ -345,13 +339,17 @@ class SavedTensorPolicy:
                               formats=self.formats)
         if packed.format == "raw":
             self.stats.exact_bytes += raw
+        self._count_packed(key, packed)
+        return Saved(key, packed=packed)
+
+    def _count_packed(self, key: str, packed: PackedTensor) -> None:
+        """An encoded tensor's bytes, and its NaN/inf flag: NaN/inf groups store NaN
+        metadata (docs/codec.md), and a sum of finite values is never NaN -- one
+        reduction per tensor, read only when reported."""
         if packed.meta is not None:
-            # NaN/inf groups store NaN metadata (docs/codec.md), and a sum of finite
-            # values is never NaN: one reduction per tensor, read only when reported
             self.stats.nonfinite_flags.append(packed.meta.sum())
         self.stats.packed_bytes += packed.nbytes
         self.stats.per_key_bytes[key] = self.stats.per_key_bytes.get(key, 0) + packed.nbytes
-        return Saved(key, packed=packed)
 
     def record(self, key: str, t: torch.Tensor) -> Saved:
         """An exact copy of ``t`` for probe passes (held by key until released).
