@@ -94,6 +94,14 @@ class ALAMConfig:
     """Use this plan and skip probing (unless probe_steps is set explicitly)."""
     backend: str = "auto"
     """Codec backend: auto, reference, cpp or cuda."""
+    memory_target_gb: float | str | None = None
+    """Peak memory per rank (GiB) the training step must fit, or "auto" (the device's
+    memory less ``memory_reserve_gb``): each probe round then chooses the highest budget
+    whose predicted peak fits, in place of ``bits``, and solves again from the first two
+    measured steps (docs/memory.md). null: the budget is ``bits``."""
+    memory_reserve_gb: float = 2.0
+    """With ``memory_target_gb: "auto"``: GiB of the device left to others (CUDA context,
+    NCCL, fragmentation)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -173,6 +181,15 @@ class ALAMConfig:
             raise ValueError(f"alam.on_plan_mismatch must be 'error' or 'warn', got {self.on_plan_mismatch!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"alam.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        target = self.memory_target_gb
+        if target is not None and target != "auto" and (
+                isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 0):
+            raise ValueError(f"alam.memory_target_gb must be GiB > 0, \"auto\" or null, got "
+                             f"{target!r}")
+        if isinstance(self.memory_reserve_gb, bool) or not isinstance(
+                self.memory_reserve_gb, (int, float)) or self.memory_reserve_gb < 0:
+            raise ValueError(f"alam.memory_reserve_gb must be GiB >= 0, got "
+                             f"{self.memory_reserve_gb!r}")
 
     # -- schedule ---------------------------------------------------------------------
     def floor_for(self, key: str, module_type: str, op: str = "") -> float:

@@ -36,6 +36,7 @@ from alam_dist.hooks import compiled as compiled_hooks
 from alam_dist.hooks.compiled import compiled_modules
 from alam_dist.hooks.modes import Compress
 from alam_dist.hooks.policy import SavedTensorPolicy, key_seed, model_fingerprint
+from alam_dist.memory import MemoryTarget
 from alam_dist.probe import RoundContext, RoundOutcome, run_round
 from alam_dist.probe.blocks import find_blocks
 from alam_dist.probe.inputs import loss_of, slice_inputs  # noqa: F401 (loss_of: old import path)
@@ -90,6 +91,12 @@ class Controller:
         self._mismatches = MismatchCheck(self.collective)
         self._plan_mapping: compiled_hooks.PlanMapping | None = None
         self.clock = StepClock()  # forward_started() / end_step()
+        self.memory_target: MemoryTarget | None = None
+        if self.config.memory_target_gb is not None:
+            self.memory_target = MemoryTarget(self.config.memory_target_gb,
+                                              self.config.memory_reserve_gb, self.collective,
+                                              _model_device(model))
+        self._planned_scale = 1.0
         if self.config.load_plan_path:
             self.load_plan(self.config.load_plan_path)
 
@@ -270,6 +277,8 @@ class Controller:
                      grad_params: list[torch.Tensor] | None) -> Plan:
         start = time.perf_counter()
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.memory_target is not None:
+            self.memory_target.round_begins()
         ctx = RoundContext(
             policy=self.policy, model=self.model, blocks=self._blocks,
             collective=self.collective, config=self.config, closure=closure,
@@ -283,8 +292,14 @@ class Controller:
                                     f"(e.g. {missing[:3]}): the model's forward must take the "
                                     "same path on every rank")
         self._last_probe = (out.sens, out.seen, out.ratios, sorted(set(out.small) - set(out.seen)))
+        kept, total = batch_share
+        self._planned_scale = total / kept  # the round saw a slice of the micro-batch
+        budget = self.config.bits
+        if self.memory_target is not None:
+            watchdog.beat("choosing the budget for the memory target")
+            budget = self._budget_for_target(out, params)
         watchdog.beat("checking the new plan across ranks")
-        plan = self.reallocate(self.config.bits)
+        plan = self.reallocate(budget)
         elapsed = time.perf_counter() - start
         self._account(out, plan, elapsed)
         if self.config.save_plan_path and self.collective.rank == 0:
@@ -314,6 +329,12 @@ class Controller:
     def reallocate(self, budget: float) -> Plan:
         """Allocate (and use) a plan for ``budget`` from the last probe round's statistics,
         without probing again."""
+        plan = self.allocation(budget)
+        self.set_plan(plan)
+        return plan
+
+    def allocation(self, budget: float) -> Plan:
+        """The plan the last probe round's statistics give at ``budget`` (not adopted)."""
         if self._last_probe is None:
             raise RuntimeError("reallocate() needs a probe round first (controller.probe)")
         sens, seen, error_ratio, small = self._last_probe
@@ -324,8 +345,46 @@ class Controller:
                         formats=self.config.formats)
         plan.exact_keys = small
         plan.ops = {k: v.op for k, v in seen.items()}
-        self.set_plan(plan)
         return plan
+
+    # -- memory target ----------------------------------------------------------------------
+    def planned_bytes(self, plan: Plan, scale: float | None = None) -> int:
+        """Saved bytes of ``plan``'s tensors in one training forward (stored bits,
+        metadata included), at training size (``scale``: per element of the probed
+        slice; default: the last round's)."""
+        numel = sum(plan.numel.get(k, 0) for k in plan.bits)
+        return int(plan.average_bits() * numel / 8 * (scale or self._planned_scale))
+
+    def _budget_for_target(self, out: RoundOutcome, params: list[torch.Tensor]) -> float:
+        seen, scale = out.seen, self._planned_scale
+        ladder = self.config.ladder_for(0.5)
+
+        def estimate() -> int:
+            from alam_dist import memory
+            pending = sum(p.numel() * (p.element_size() + 8) for p in params if p.grad is None)
+            raw = {k: v.numel * v.raw_bits // 8 for k, v in seen.items()}
+            if self._blocks is not None:
+                per_block: dict = {}
+                for k, nbytes in raw.items():
+                    b = self._blocks.block_of(k)
+                    per_block[b] = per_block.get(b, 0) + nbytes
+                working = max(per_block.values(), default=0)
+            else:
+                working = 2 * max(raw.values(), default=0)
+            return memory.in_use(self.memory_target.device) + pending + int(working * scale)
+
+        numel = sum(v.numel for v in seen.values()) * scale
+        return self.memory_target.round_budget(
+            lambda b: self.planned_bytes(self.allocation(b), scale), numel, min(ladder), estimate)
+
+    def _memory_step_done(self, stats) -> None:
+        if self.memory_target is None or self.plan is None:
+            return
+        planned = sum(stats.per_key_bytes.values()) // max(1, stats.forwards)
+        budget = self.memory_target.step_measured(planned)
+        if budget is not None and self.plan.budget != budget:
+            self.reallocate(budget)
+            log.info("alam_dist: memory target %s", self.memory_target.state())
 
     def take_due_probe(self) -> bool:
         """Whether a probe round is due at this step and has not run yet; marks it as run.
@@ -390,6 +449,7 @@ class Controller:
                 "with its own saved-tensor hooks active (apply ALAM first, then compile).")
         self._last_stats = self.policy.stats
         self.policy.stats = type(self._last_stats)()
+        self._memory_step_done(self._last_stats)
         self.step += 1
 
     def memory_report(self, count_nonfinite: bool = True) -> dict:
@@ -402,6 +462,8 @@ class Controller:
         report["plan_average_bits"] = self.plan.average_bits() if self.plan else None
         report["bits"] = dict(self.plan.bits) if self.plan else {}
         report["probe_cost"] = self.probe_cost_report()
+        if self.memory_target is not None:
+            report["memory_target"] = self.memory_target.state()
         return report
 
     def probe_cost_report(self) -> dict:
@@ -429,6 +491,12 @@ class Controller:
     def note_step_seconds(self, seconds: float) -> None:
         """Tell the controller how long a (non-probe) training step took."""
         self.clock.note(seconds)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
 
 
 def _eager_stance():
