@@ -215,9 +215,10 @@ def rank_order(n_examples: int, *, rank: int, world: int, micro_batch: int, seed
     return order[rank::world][:per_rank]
 
 
-def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest example: input_ids, labels (-100 on padding), attention_mask."""
-    width = max(len(e.input_ids) for e in batch)
+def collate(batch: list[Example], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Pad to the longest example (or to ``width``, for steps of one shape): input_ids,
+    labels (-100 on padding), attention_mask."""
+    width = max([len(e.input_ids) for e in batch] + ([width] if width else []))
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)

@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -49,6 +48,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `launch` and `alam_dist` 
     sys.path.insert(0, str(ROOT))
 
 from alam_dist.config import ALAMConfig  # noqa: E402
+from alam_dist.memory import MemoryTargetError  # noqa: E402
 from launch import data as data_lib  # noqa: E402
 
 MODEL_CONFIGS = {
@@ -108,6 +108,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "DeepSpeed; the config file's batch, accumulation, clipping, bf16 and "
                          "\"alam\" keys apply")
     ap.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
+    ap.add_argument("--alam_plan_only", action="store_true",
+                    help="with --alam_memory_target_gb: run the probe round and the two measured "
+                         "steps after it (nothing saved), print per candidate micro-batch the "
+                         "budget, predicted peak and expected held-out loss cost, and exit")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher
     switch = ap.add_mutually_exclusive_group()
     switch.add_argument("--alam", dest="alam", action="store_true", default=None, help="turn ALAM on")
@@ -116,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key in ALAM_KEYS:
         keys.add_argument(f"--alam_{key}", metavar="VALUE", default=None, help=argparse.SUPPRESS
                           if key not in ("bits", "total_steps", "probe_steps", "save_plan_path",
-                                         "load_plan_path") else f"alam.{key}")
+                                         "load_plan_path", "memory_target_gb") else f"alam.{key}")
     return ap.parse_args(argv)
 
 
@@ -215,19 +219,55 @@ def build_model(args, tok, ds_config: dict):
     return model
 
 
-def peak_memory_mb() -> float:
-    import torch
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def peak_memory_mb(device) -> float:
+    """The run's peak (max_memory_allocated on a GPU, the peak resident set on the CPU),
+    across the resets an ALAM memory target makes to measure single steps."""
+    from alam_dist.memory import peak_so_far
+    return peak_so_far(device) / 2 ** 20
+
+
+def plan_table(args, engine, alam, micro_batch: int) -> list[dict]:
+    """--alam_plan_only: the memory target's forecast per candidate micro-batch."""
+    target = alam.controller.memory_target
+    if not target.measured:
+        raise UsageError("--alam_plan_only: no probe round and measured steps within 8 steps; "
+                         "the probe schedule (alam.probe_steps) must start at step 0")
+    cost_path = ROOT / "docs" / "results" / "finetune.json"
+    costs = {}
+    if cost_path.exists():
+        table = json.loads(cost_path.read_text()).get("current_defaults_vs_exact_pct", {})
+        costs = {float(k): v for k, v in table.items() if not k.startswith("_")}
+    candidates = sorted({1, 2, 4, 8, 16, 32, micro_batch})
+    rows = target.candidates([b / micro_batch for b in candidates])
+    for b, row in zip(candidates, rows):
+        row.pop("scale")
+        row["micro_batch"], row["seq_len"] = b, args.seq_len
+        row["heldout_loss_cost_pct"] = (expected_cost(costs, row["budget"])
+                                        if row["fits"] and costs else None)
+    return rows
+
+
+def expected_cost(costs: dict[float, float], budget: float) -> float:
+    """Held-out loss change at ``budget``, interpolated (in log2 bits) between the budgets
+    the fine-tune benchmark measured (docs/results/finetune.json)."""
+    import math
+    known = sorted(costs)
+    if budget <= known[0]:
+        return costs[known[0]]
+    for lo, hi in zip(known, known[1:]):
+        if budget <= hi:
+            t = (math.log2(budget) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
+            return round(costs[lo] + t * (costs[hi] - costs[lo]), 2)
+    return costs[known[-1]]
 
 
 class Batches:
     """Endless micro-batches for this rank, epoch after epoch; ``position`` counts the
     micro-batches handed out, so a resumed run continues with the next one."""
 
-    def __init__(self, examples, *, rank, world, micro_batch, seed, pad_id):
+    def __init__(self, examples, *, rank, world, micro_batch, seed, pad_id, pad_to=None):
         self.examples, self.pad_id, self.micro_batch = examples, pad_id, micro_batch
+        self.pad_to = pad_to
         self.order_kw = dict(rank=rank, world=world, micro_batch=micro_batch, seed=seed)
         self.per_epoch = len(examples) // world // micro_batch
         if self.per_epoch == 0:
@@ -246,7 +286,7 @@ class Batches:
             self._epoch = epoch
             self._order = data_lib.rank_order(len(self.examples), epoch=epoch, **self.order_kw)
         picked = self._order[index * self.micro_batch:(index + 1) * self.micro_batch]
-        return data_lib.collate([self.examples[i] for i in picked], self.pad_id)
+        return data_lib.collate([self.examples[i] for i in picked], self.pad_id, self.pad_to)
 
 
 def compile_blocks(model, backend: str) -> None:
@@ -265,6 +305,9 @@ def main(argv: list[str] | None = None) -> dict:
     # Everything that can be wrong with the input is checked here, before any
     # process group exists or any rank starts work.
     ds_config, alam_config = resolve_configs(args)
+    if args.alam_plan_only and (alam_config is None or alam_config.memory_target_gb is None):
+        raise UsageError("--alam_plan_only forecasts for a memory target: add --alam "
+                         "--alam_memory_target_gb GIB (or \"auto\")")
     if args.fsdp and ("optimizer" in ds_config or "scheduler" in ds_config):
         raise UsageError("--fsdp trains with AdamW at --lr (and --warmup_steps); the config's "
                          "\"optimizer\"/\"scheduler\" sections are DeepSpeed's: remove them or "
@@ -326,8 +369,11 @@ def main(argv: list[str] | None = None) -> dict:
     meter = None if alam else alam_dist.SavedActivationMeter(engine.module)
     micro_batch = engine.train_micro_batch_size_per_gpu()
     accum = engine.gradient_accumulation_steps()
+    # a memory target plans for micro-batch x --seq_len tokens: every step gets that shape
+    # (padded), or a step of longer examples than the probed one could exceed the target
+    targeted = bool(alam) and alam.controller.memory_target is not None
     batches = Batches(examples, rank=rank, world=world, micro_batch=micro_batch, seed=args.seed,
-                      pad_id=tok.pad_token_id)
+                      pad_id=tok.pad_token_id, pad_to=args.seq_len if targeted else None)
     start_step = 0
     if args.resume:
         path, client = engine.load_checkpoint(str(ckpt_dir))
@@ -347,7 +393,92 @@ def main(argv: list[str] | None = None) -> dict:
         bar = tqdm(total=args.max_steps, initial=start_step, desc="alam" if alam else "plain",
                    unit="step", dynamic_ncols=True)
     history = []
-    for step in range(start_step, args.max_steps):
+    try:
+        history = train_loop(args, Run(engine, alam, meter, batches, optimizer, scheduler,
+                                       device, world, accum, lr_at, bar, metrics_file, ckpt_dir),
+                             start_step)
+    except MemoryTargetError as err:
+        fits = int(micro_batch * err.tokens_share)
+        hint = (f" At --seq_len {args.seq_len}, a micro-batch of {fits} would fit." if fits >= 1
+                else "")
+        raise UsageError(f"{err}{hint}") from None
+    if bar:
+        bar.close()
+    if args.alam_plan_only:
+        rows = plan_table(args, engine, alam, micro_batch)
+        if rank == 0:
+            from benchmarks._util import print_table
+            print(f"\n[alam] plan only: memory target {alam.controller.memory_target.target / 2**30:.3f}"
+                  " GiB per rank", flush=True)
+            print_table(rows, ["micro_batch", "seq_len", "fits", "budget", "predicted_peak_gib",
+                               "activations_gib", "heldout_loss_cost_pct"])
+            print(json.dumps({"plan_only": rows}), flush=True)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        return {"plan_only": rows}
+    peaks = torch.tensor([peak_memory_mb(device)], dtype=torch.float64, device=device)
+    peak_ranks = [torch.zeros_like(peaks) for _ in range(world)]
+    torch.distributed.all_gather(peak_ranks, peaks)
+    if alam:
+        alam.controller.close()  # the last step's plan-mismatch check (read late on GPUs)
+    train_steps = [r["step_s"] for r in history if not r["probe_step"]]
+    summary = {"alam": bool(alam), "world_size": world, "steps": args.max_steps,
+               "final_loss": history[-1]["loss"] if history else None,
+               "memory": (alam or meter).memory_report() if history else None,
+               "median_step_s": statistics.median_high(train_steps) if train_steps else None,
+               "peak_mem_mb_ranks": [float(p) for p in torch.cat(peak_ranks).tolist()]}
+    if rank == 0:
+        report = summary["memory"] or {}
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        print(f"\n[{'alam' if alam else 'plain'}] steps {args.max_steps}, final loss "
+              f"{summary['final_loss']}, saved activations per rank "
+              f"{report.get('saved_bytes_raw', 0) / 2**20:.2f} MB raw -> "
+              f"{report.get('saved_bytes_packed', 0) / 2**20:.2f} MB stored "
+              f"({report.get('ratio', 1.0):.1f}x)", flush=True)
+        if alam:
+            rep = {k: v for k, v in report.items() if k != "bits"}
+            print("[alam] memory report: " + json.dumps(rep, default=str), flush=True)
+    if metrics_file:
+        metrics_file.close()
+    # an orderly end of the process group (every rank done with every collective)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    return summary
+
+
+@dataclasses.dataclass
+class Run:
+    """What the training loop works with."""
+
+    engine: object
+    alam: object
+    meter: object
+    batches: Batches
+    optimizer: object
+    scheduler: object
+    device: object
+    world: int
+    accum: int
+    lr_at: object
+    bar: object
+    metrics_file: object
+    ckpt_dir: Path
+
+
+def train_loop(args, run: Run, start_step: int) -> list[dict]:
+    """Train from ``start_step`` to --max_steps; the history of rows (metrics.jsonl).
+    With --alam_plan_only: until the memory target's measured steps are in."""
+    import torch
+    engine, alam, meter, batches = run.engine, run.alam, run.meter, run.batches
+    optimizer, scheduler, device, world, accum = (run.optimizer, run.scheduler, run.device,
+                                                  run.world, run.accum)
+    lr_at, bar, metrics_file, ckpt_dir = run.lr_at, run.bar, run.metrics_file, run.ckpt_dir
+    history = []
+    # plan only: the round (step 0; 1 under ZeRO-3) and the measured steps after it
+    max_steps = start_step + 8 if args.alam_plan_only else args.max_steps
+    for step in range(start_step, max_steps):
+        if args.alam_plan_only and alam.controller.memory_target.measured:
+            break
         if optimizer is not None and scheduler is None:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
@@ -379,7 +510,7 @@ def main(argv: list[str] | None = None) -> dict:
                "step_s": seconds, "probe_step": probed,
                "saved_bytes_raw": report["saved_bytes_raw"],
                "saved_bytes_packed": report["saved_bytes_packed"],
-               "ratio": report["ratio"], "peak_mem_mb": peak_memory_mb(), "rank0_tokens": tokens}
+               "ratio": report["ratio"], "peak_mem_mb": peak_memory_mb(device), "rank0_tokens": tokens}
         history.append(row)
         if metrics_file:
             metrics_file.write(json.dumps(row) + "\n")
@@ -393,32 +524,7 @@ def main(argv: list[str] | None = None) -> dict:
             torch.distributed.all_gather(positions, torch.tensor([batches.position], device=device))
             engine.save_checkpoint(str(ckpt_dir), client_state={
                 "train_step": step + 1, "train_position": [int(p) for p in positions]})
-    if bar:
-        bar.close()
-    if alam:
-        alam.controller.close()  # the last step's plan-mismatch check (read late on GPUs)
-    train_steps = [r["step_s"] for r in history if not r["probe_step"]]
-    summary = {"alam": bool(alam), "world_size": world, "steps": args.max_steps,
-               "final_loss": history[-1]["loss"] if history else None,
-               "memory": (alam or meter).memory_report() if history else None,
-               "median_step_s": statistics.median_high(train_steps) if train_steps else None}
-    if rank == 0:
-        report = summary["memory"] or {}
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-        print(f"\n[{'alam' if alam else 'plain'}] steps {args.max_steps}, final loss "
-              f"{summary['final_loss']}, saved activations per rank "
-              f"{report.get('saved_bytes_raw', 0) / 2**20:.2f} MB raw -> "
-              f"{report.get('saved_bytes_packed', 0) / 2**20:.2f} MB stored "
-              f"({report.get('ratio', 1.0):.1f}x)", flush=True)
-        if alam:
-            rep = {k: v for k, v in report.items() if k != "bits"}
-            print("[alam] memory report: " + json.dumps(rep, default=str), flush=True)
-    if metrics_file:
-        metrics_file.close()
-    # an orderly end of the process group (every rank done with every collective)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    return summary
+    return history
 
 
 def end_process(code: int = 0) -> None:

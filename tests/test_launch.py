@@ -524,3 +524,69 @@ def test_fsdp_resume_exits_cleanly_every_time_under_load(fsdp_runs, tmp_path):
         for p in load:
             p.kill()
             p.wait()
+
+
+# -- memory target (issue 24) ---------------------------------------------------------------
+@pytest.mark.slow
+def test_a_memory_target_is_met_and_more_room_buys_more_bits(tmp_path):
+    """Two ranks (ZeRO-2, micro-batch 8 x 512 tokens): first with room for everything
+    exact, then two targets cut into the room its activations took. Each run's measured
+    peak (every rank, the probe round included) stays within its target, the tighter
+    target gets the lower budget, and the predicted peak is within 10 % of the measured."""
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({**train.DEFAULT_DS_CONFIG, "train_micro_batch_size_per_gpu": 8}))
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # freed memory leaves the resident set
+
+    def run(name: str, target: float) -> dict:
+        out = tmp_path / name
+        proc = _deepspeed([str(TRAIN), "--deepspeed", str(config), "--max_steps", "5",
+                           "--seq_len", "512", "--no_progress", "--output_dir", str(out),
+                           "--alam", "--alam_memory_target_gb", str(target)], **env)
+        _check(proc)
+        summary = json.loads((out / "summary.json").read_text())
+        forecast = summary["memory"]["memory_target"]
+        measured = max(summary["peak_mem_mb_ranks"]) / 1024
+        assert forecast["beside_source"] == "measured" and forecast["fits"]
+        assert forecast["predicted_peak_gib"] == pytest.approx(measured, rel=0.10), (name, forecast, measured)
+        return {**forecast, "measured": measured}
+
+    roomy = run("roomy", 64)
+    assert roomy["budget"] == 32  # everything exact fits
+    exact_activations = roomy["activations_gib"]
+    budgets = []
+    for cut in (0.3, 0.55):
+        target = round(roomy["measured"] - cut * exact_activations, 4)
+        r = run(f"cut{cut}", target)
+        assert r["measured"] <= target, (target, r)
+        assert r["round_peak_gib"] <= target
+        budgets.append(r["budget"])
+    assert 32 > budgets[0] > budgets[1] >= 0.5, budgets
+
+
+@pytest.mark.slow
+def test_plan_only_forecasts_micro_batches_without_a_run(tmp_path):
+    out = tmp_path / "plan"
+    proc = _deepspeed([str(TRAIN), "--max_steps", "40", "--seq_len", "256", "--no_progress",
+                       "--output_dir", str(out), "--alam", "--alam_memory_target_gb", "auto",
+                       "--alam_plan_only"], MALLOC_MMAP_THRESHOLD_="65536")
+    _check(proc)
+    line = next(l for l in proc.stdout.splitlines() if l.startswith('{"plan_only"'))
+    rows = json.loads(line)["plan_only"]
+    assert [r["micro_batch"] for r in rows] == [1, 2, 4, 8, 16, 32]
+    peaks = [r["predicted_peak_gib"] for r in rows]
+    assert peaks == sorted(peaks)  # more tokens, more memory (budgets permitting)
+    assert all(r["fits"] and r["budget"] == 32 for r in rows)  # "auto": a machine's memory
+    assert not (out / "summary.json").exists()  # nothing trained to the end, nothing saved
+    assert len(_metrics(out)) <= 4  # the round's step and the measured steps only
+
+
+def test_plan_only_needs_a_memory_target():
+    with pytest.raises(SystemExit, match="memory_target_gb"):
+        train.main(["--alam", "--alam_plan_only"])
+
+
+@pytest.mark.parametrize("value, message", [(0, "GiB > 0"), ("lots", "GiB > 0"), (True, "GiB > 0")])
+def test_bad_memory_targets_are_named(value, message):
+    import alam_dist
+    with pytest.raises(ValueError, match=message):
+        alam_dist.ALAMConfig(memory_target_gb=value)
