@@ -69,6 +69,9 @@ def main() -> None:
     ap.add_argument("--seqs", type=int, nargs="+", default=[2048, 4096])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--reserve-gb", type=float, default=4.0)
+    ap.add_argument("--target-gb", type=float, default=None,
+                    help="also: the budget alam.memory_target_gb would choose per seq x batch "
+                         "(alam_dist.memory.solve_budget; GB here as in the table, 1e9 bytes)")
     args = ap.parse_args()
     from _util import print_json, print_table
     data = json.loads(Path(args.compare_json).read_text())
@@ -102,8 +105,55 @@ def main() -> None:
                                "predicted_MB": predicted, "measured_MB": measured,
                                "error": predicted / measured - 1 if measured else None})
         print_table(checks, list(checks[0]) if checks else ["row"])
+    targeted = target_table(rows, tokens, a_exact, args) if args.target_gb else []
+    if targeted:
+        print(f"memory target {args.target_gb} GB per GPU: the budget alam_dist chooses")
+        print_table(targeted, list(targeted[0]))
     print_json("memory_model", table, source=args.compare_json, check=checks,
-               layers=LAYERS, vocab=VOCAB, params=PARAMS, gpus=GPUS, reserve_gb=args.reserve_gb)
+               layers=LAYERS, vocab=VOCAB, params=PARAMS, gpus=GPUS, reserve_gb=args.reserve_gb,
+               target_gb=args.target_gb, targeted=targeted)
+
+
+ROW_BITS = {"none": 16.0, "alam_4": 4.0, "alam_2": 2.0, "alam_1": 1.0}
+"""Measured rows by budget (bf16 activations: exact is 16 bits)."""
+
+
+def target_table(rows: list[dict], tokens: int, a_exact: float, args) -> list[dict]:
+    """Per seq x batch, what ``alam.memory_target_gb`` chooses, with the product's solver
+    (alam_dist.memory.solve_budget): bytes per token-layer between measured budgets are
+    interpolated linearly in bits; where no budget fits, activation checkpointing with ALAM
+    at 1 bit (the ``alam_1+ckpt`` row) is tried."""
+    from alam_dist.memory import solve_budget
+    measured = sorted((ROW_BITS[r["row"]], per_token_layer_bytes(r, tokens))
+                      for r in rows if r["row"] in ROW_BITS)
+    by_row = {r["row"]: per_token_layer_bytes(r, tokens) for r in rows}
+
+    def a_at(bits: float) -> float:
+        bits = min(max(bits, measured[0][0]), measured[-1][0])
+        for (b0, a0), (b1, a1) in zip(measured, measured[1:]):
+            if bits <= b1:
+                return a0 + (a1 - a0) * (bits - b0) / (b1 - b0)
+        return measured[-1][1]
+
+    target = args.target_gb * GB
+    out = []
+    for seq in args.seqs:
+        for batch in args.batches:
+            fixed = model_state_bytes() + args.reserve_gb * GB + activation_bytes(0, a_exact, seq, batch)
+            numel = seq * batch * LAYERS * measured[-1][1] / 2  # bf16 elements saved exact
+            budget, nbytes, fits = solve_budget(
+                int(target), int(fixed), numel, lambda b: int(seq * batch * LAYERS * a_at(b)),
+                measured[0][0])
+            row = {"seq": seq, "batch": batch, "budget": round(min(budget, 16), 2) if fits else None,
+                   "predicted_GB": round((fixed + nbytes) / GB, 1), "checkpointing": False}
+            if not fits and "alam_1+ckpt" in by_row:
+                ckpt = fixed + activation_bytes(by_row["alam_1+ckpt"], 0, seq, batch) - \
+                    activation_bytes(0, 0, seq, batch)
+                if ckpt <= target:
+                    row.update(budget=1.0, predicted_GB=round(ckpt / GB, 1), checkpointing=True)
+            row["fits"] = row["budget"] is not None
+            out.append(row)
+    return out
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@
 #   codec_GBps encode+decode GB/s per format beside clone (the device's copy bandwidth)
 #   ds_zero2 / ds_zero3   deepspeed --num_gpus 1 launch/train.py --alam, NCCL, bf16
 #   fsdp       torchrun --nproc_per_node 1 launch/train.py --fsdp --alam, bf16
+#   memory_target  launch/train.py --alam_memory_target_gb on the GPU: the forecast's
+#              predicted peak beside max_memory_allocated (summary.json)
 #   compile    benchmarks/compile.py on the GPU (aot_eager): ALAM's encode/decode ops
 #              inside compiled graphs, memory held after forward, gradient cosine
 #   compare    benchmarks/compare.py on LLaMA-2-7B-shaped layers: step time and
@@ -107,6 +109,10 @@ done
 step fsdp 50 "$PY" -m torch.distributed.run --nproc_per_node 1 --master_port 29510 \
   launch/train.py --fsdp --deepspeed "$CFG_DIR/z2.json" --alam --max_steps 8 --no_progress \
   --output_dir "$LOG_DIR/fsdp"
+
+step memory_target 40 deepspeed --num_gpus 1 --no_ssh_check --master_addr 127.0.0.1 \
+  --master_port 29511 launch/train.py --deepspeed "$CFG_DIR/z2.json" --alam --max_steps 5 \
+  --seq_len 1024 --alam_memory_target_gb 0.25 --no_progress --output_dir "$LOG_DIR/memory_target"
 
 step compile 40 "$PY" benchmarks/compile.py --device cuda --backend aot_eager --steps 3 \
   --rows eager compiled compiled+alam
