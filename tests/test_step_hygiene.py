@@ -108,3 +108,26 @@ def test_integrations_add_no_host_sync_and_leave_nothing_behind(ranks, where):
         assert a["memory"]["ratio"] > 4  # the watched step really was compressed
         assert sum(a["syncs"].values()) <= sum(p["syncs"].values()), (a["sync_sites"], p["sync_sites"])
         assert a["alive_after_step"] == {"packed": 0, "saved": 0, "exact": 0}
+
+
+@pytest.mark.parametrize("probe, attn, per_pass", [
+    ("local", "eager", ""), ("local", "sdpa", ""), ("cheap", "sdpa", ""),
+    ("local", "sdpa", "per_pass"),  # ZeRO-3: a new forward per pass
+])
+def test_a_probe_round_needs_less_memory_than_a_plain_step(probe, attn, per_pass):
+    """Peak resident-set growth on a 2-layer model (where the local round's two exact
+    blocks are the whole stack), the round run as the integrations run it: on
+    ``probe_batch_fraction`` of the micro-batch. A fresh process with
+    MALLOC_MMAP_THRESHOLD_=65536, or freed memory would stay resident and hide the peaks."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536",
+               PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(HERE / "probe_peak_worker.py"), probe, attn, per_pass],
+                          cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peaks = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert peaks["share"] == [1, 4]
+    assert 0 < peaks["round_MiB"] < peaks["plain_MiB"], peaks
