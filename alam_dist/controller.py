@@ -383,7 +383,9 @@ class Controller:
         planned = sum(stats.per_key_bytes.values()) // max(1, stats.forwards)
         budget = self.memory_target.step_measured(planned)
         if budget is not None and self.plan.budget != budget:
-            self.reallocate(budget)
+            plan = self.reallocate(budget)
+            if self.config.save_plan_path and self.collective.rank == 0:
+                plan.save(self.config.save_plan_path)
             log.info("alam_dist: memory target %s", self.memory_target.state())
 
     def take_due_probe(self) -> bool:
@@ -494,8 +496,14 @@ class Controller:
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model trains: its parameters' accelerator, else the current CUDA device
+    (a model built on the CPU or offloaded, moved later), else the CPU."""
     for p in model.parameters():
-        return p.device
+        if p.device.type not in ("cpu", "meta"):
+            return p.device
+        break
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 

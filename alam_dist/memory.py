@@ -169,18 +169,20 @@ def solve_budget(target: int, beside: int, planned_numel: float,
     budget = min(MAX_BUDGET, max(lowest, budget))
     for _ in range(8):
         nbytes = activations_at(budget)
-        if nbytes <= room or budget <= lowest:
+        if nbytes <= room or budget <= lowest or nbytes <= 0:
             return budget, nbytes, nbytes <= room
         budget = max(lowest, budget * room / nbytes * 0.99)
     return budget, nbytes, nbytes <= room
 
 
-def tokens_share(target: int, beside: int, lowest_activations: int) -> float:
-    """The share of the micro-batch's tokens that would fit at the lowest formats."""
-    room = target * (1 - HEADROOM) - beside
-    if lowest_activations <= 0:
-        return math.inf
-    return max(0.0, room / lowest_activations)
+def tokens_share(target: int, resident: int, scaled: int) -> float:
+    """The share of the micro-batch's tokens that would fit: ``scaled`` (the step's
+    transient and its activations at the lowest formats) scales with the tokens,
+    ``resident`` (what stays between steps) does not."""
+    room = target * (1 - HEADROOM) - resident
+    if room <= 0:
+        return 0.0
+    return room / scaled if scaled > 0 else 1.0
 
 
 class MemoryTarget:
@@ -194,6 +196,9 @@ class MemoryTarget:
         self.collective, self.device = collective, device
         self.target = (capacity_target(device, reserve_gb) if target_gb == "auto"
                        else int(float(target_gb) * GIB))
+        self._target_agreed = False
+        self.strict = True
+        """False (--alam_plan_only): a target nothing fits is a forecast, not an error."""
         self.forecast: MemoryForecast | None = None
         self._to_measure = 0
         self._measured_beside = 0
@@ -211,6 +216,9 @@ class MemoryTarget:
         """The budget of the round that just ended (same on every rank); raises
         :class:`MemoryTargetError` on every rank where nothing fits."""
         round_peak = peak(self.device)
+        if not self._target_agreed:  # "auto" differs by rank (free memory): the smallest
+            self.target = min(self.collective.gather(self.target))
+            self._target_agreed = True
         mine = (int(estimate()), int(round_peak))
         beside, round_peak = (max(v) for v in zip(*self.collective.gather(mine)))
         self._activations_at, self._planned_numel, self._lowest = activations_at, planned_numel, lowest
@@ -234,8 +242,11 @@ class MemoryTarget:
             # the estimate errs high: train the measured steps at the lowest formats and
             # decide on their measurement
             return self.forecast
+        if not fits and not self.strict:
+            return self.forecast  # --alam_plan_only: the table says what fits
         if not fits:
-            share = tokens_share(self.target, beside, nbytes)
+            resident = min(self._resident, beside) if source == "measured" else beside
+            share = tokens_share(self.target, resident, beside - resident + nbytes)
             if share <= 0:
                 raise MemoryTargetError(
                     f"alam_dist: no bit plan fits memory_target_gb={self.target / GIB:.3g}: "

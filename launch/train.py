@@ -247,12 +247,14 @@ def plan_table(args, engine, alam, micro_batch: int) -> list[dict]:
     return rows
 
 
-def expected_cost(costs: dict[float, float], budget: float) -> float:
+def expected_cost(costs: dict[float, float], budget: float) -> float | None:
     """Held-out loss change at ``budget``, interpolated (in log2 bits) between the budgets
     the fine-tune benchmark measured (docs/results/finetune.json)."""
     import math
     known = sorted(costs)
-    if budget <= known[0]:
+    if budget < known[0]:
+        return None  # below what was measured
+    if budget == known[0]:
         return costs[known[0]]
     for lo, hi in zip(known, known[1:]):
         if budget <= hi:
@@ -305,9 +307,14 @@ def main(argv: list[str] | None = None) -> dict:
     # Everything that can be wrong with the input is checked here, before any
     # process group exists or any rank starts work.
     ds_config, alam_config = resolve_configs(args)
-    if args.alam_plan_only and (alam_config is None or alam_config.memory_target_gb is None):
-        raise UsageError("--alam_plan_only forecasts for a memory target: add --alam "
-                         "--alam_memory_target_gb GIB (or \"auto\")")
+    if args.alam_plan_only:
+        if alam_config is None or alam_config.memory_target_gb is None:
+            raise UsageError("--alam_plan_only forecasts for a memory target: add --alam "
+                             "--alam_memory_target_gb GIB (or \"auto\")")
+        if args.resume or alam_config.load_plan_path or alam_config.probe_steps_resolved()[:1] != (0,):
+            raise UsageError("--alam_plan_only runs the probe round at step 0 and the steps after "
+                             "it: drop --resume, alam.load_plan_path and a probe_steps list that "
+                             "does not start at 0")
     if args.fsdp and ("optimizer" in ds_config or "scheduler" in ds_config):
         raise UsageError("--fsdp trains with AdamW at --lr (and --warmup_steps); the config's "
                          "\"optimizer\"/\"scheduler\" sections are DeepSpeed's: remove them or "
@@ -372,6 +379,8 @@ def main(argv: list[str] | None = None) -> dict:
     # a memory target plans for micro-batch x --seq_len tokens: every step gets that shape
     # (padded), or a step of longer examples than the probed one could exceed the target
     targeted = bool(alam) and alam.controller.memory_target is not None
+    if args.alam_plan_only:
+        alam.controller.memory_target.strict = False  # a micro-batch that does not fit is a row
     batches = Batches(examples, rank=rank, world=world, micro_batch=micro_batch, seed=args.seed,
                       pad_id=tok.pad_token_id, pad_to=args.seq_len if targeted else None)
     start_step = 0
@@ -386,7 +395,8 @@ def main(argv: list[str] | None = None) -> dict:
         return args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
 
     metrics_path = out_dir / "metrics.jsonl"
-    metrics_file = open(metrics_path, "a" if args.resume else "w") if rank == 0 else None
+    metrics_file = (open(metrics_path, "a" if args.resume else "w")
+                    if rank == 0 and not args.alam_plan_only else None)
     bar = None
     if rank == 0 and not args.no_progress:
         from tqdm import tqdm
@@ -397,14 +407,16 @@ def main(argv: list[str] | None = None) -> dict:
         history = train_loop(args, Run(engine, alam, meter, batches, optimizer, scheduler,
                                        device, world, accum, lr_at, bar, metrics_file, ckpt_dir),
                              start_step)
-    except MemoryTargetError as err:
-        fits = int(micro_batch * err.tokens_share)
+    except MemoryTargetError as err:  # every rank: the budget is decided from gathered numbers
+        fits = int(micro_batch * min(err.tokens_share, 1.0))
         hint = (f" At --seq_len {args.seq_len}, a micro-batch of {fits} would fit." if fits >= 1
                 else "")
+        torch.distributed.destroy_process_group()
         raise UsageError(f"{err}{hint}") from None
     if bar:
         bar.close()
     if args.alam_plan_only:
+        alam.controller.close()
         rows = plan_table(args, engine, alam, micro_batch)
         if rank == 0:
             from benchmarks._util import print_table
@@ -519,7 +531,7 @@ def train_loop(args, run: Run, start_step: int) -> list[dict]:
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", saved_MB=f"{row['saved_bytes_packed'] / 2**20:.1f}",
                             ratio=f"{row['ratio']:.1f}x")
-        if args.save_steps and (step + 1) % args.save_steps == 0:
+        if args.save_steps and (step + 1) % args.save_steps == 0 and not args.alam_plan_only:
             positions = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
             torch.distributed.all_gather(positions, torch.tensor([batches.position], device=device))
             engine.save_checkpoint(str(ckpt_dir), client_state={
