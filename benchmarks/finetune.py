@@ -26,6 +26,7 @@ where the plan puts its elements (share per format). Prints a table and one JSON
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -205,6 +206,9 @@ def main() -> None:
     ap.add_argument("--eval-batches", type=int, default=100, help="at most (default: all)")
     ap.add_argument("--quick", action="store_true", help="a few steps (CI smoke)")
     ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument("--variant", default=None,
+                    help="ALAM rows with an experimental rotated rung (benchmarks/format_variants.py: "
+                         "lm2, unb1), on the reference codec")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.batch, args.eval_batches = 3, 4, 1
@@ -219,9 +223,16 @@ def main() -> None:
     rows += [{**parse_row(spec), "seeds": args.seeds} for spec in args.rows]
     results = [json.loads(line) for path in args.merge for line in Path(path).read_text().splitlines()
                if line.startswith('{"row"')]
+    if args.variant:
+        from format_variants import variant
+        for row in rows[1:]:
+            row["name"] += f" [variant {args.variant}]"
+            row["overrides"]["backend"] = "reference"
     for row in rows:
         for seed in row["seeds"]:
-            r = run(row, seed, corpus, path, args)
+            with (variant(args.variant) if args.variant and row["budget"] is not None
+                  else contextlib.nullcontext()):
+                r = run(row, seed, corpus, path, args)
             results.append(r)
             print(json.dumps(r), flush=True)
     base = next((r["held_out"] for r in results if r["row"] == "exact" and r["seed"] == 0), None)

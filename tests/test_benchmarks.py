@@ -98,3 +98,30 @@ def test_compile_benchmark_smoke():
     assert rows["compiled+alam"]["compiled_tensors"] > 0 and rows["compiled+alam"]["ratio"] > 4
     assert rows["compiled+alam"]["held_after_forward_mib"] < rows["compiled"]["held_after_forward_mib"] / 2
     assert rows["compiled"]["grad_cosine"] > 0.9999 and rows["compiled+alam"]["grad_cosine"] > 0.5
+
+
+def test_finetune_format_variants_do_what_their_rows_say():
+    """benchmarks/format_variants.py (finetune.py --variant): the Lloyd-Max 2-bit rung has
+    under half the covering step's error on Gaussian values, the unbiased sign code does
+    not shrink, and both patches are undone on exit."""
+    import torch
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from format_variants import variant
+    from alam_dist import codec
+    x = torch.randn(64 * 1024, generator=torch.Generator().manual_seed(0))
+
+    def round_trip(bits):
+        return codec.decode(codec.encode(x, bits, seed=3, backend="reference", formats="rotated"),
+                            backend="reference")
+
+    def mse(y):
+        return float(((y - x) ** 2).mean())
+    covering, sign = round_trip(2), round_trip(1)
+    with variant("lm2"):
+        lm2 = round_trip(2)
+    with variant("unb1"):
+        unb1 = round_trip(1)
+    assert mse(lm2) < 0.5 * mse(covering)
+    assert float((sign * x).mean() / (x * x).mean()) < 0.7  # the sign code shrinks...
+    assert float((unb1 * x).mean() / (x * x).mean()) == pytest.approx(1.0, abs=0.02)  # ...this not
+    assert torch.equal(round_trip(2), covering) and torch.equal(round_trip(1), sign)
