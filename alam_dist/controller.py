@@ -357,25 +357,13 @@ class Controller:
 
     def _budget_for_target(self, out: RoundOutcome, params: list[torch.Tensor]) -> float:
         seen, scale = out.seen, self._planned_scale
-        ladder = self.config.ladder_for(0.5)
-
-        def estimate() -> int:
-            from alam_dist import memory
-            pending = sum(p.numel() * (p.element_size() + 8) for p in params if p.grad is None)
-            raw = {k: v.numel * v.raw_bits // 8 for k, v in seen.items()}
-            if self._blocks is not None:
-                per_block: dict = {}
-                for k, nbytes in raw.items():
-                    b = self._blocks.block_of(k)
-                    per_block[b] = per_block.get(b, 0) + nbytes
-                working = max(per_block.values(), default=0)
-            else:
-                working = 2 * max(raw.values(), default=0)
-            return memory.in_use(self.memory_target.device) + pending + int(working * scale)
-
+        raw = {k: v.numel * v.raw_bits // 8 for k, v in seen.items()}
+        block_of = self._blocks.block_of if self._blocks is not None else None
         numel = sum(v.numel for v in seen.values()) * scale
         return self.memory_target.round_budget(
-            lambda b: self.planned_bytes(self.allocation(b), scale), numel, min(ladder), estimate)
+            lambda b: self.planned_bytes(self.allocation(b), scale), numel,
+            min(self.config.ladder_for(0.5)),
+            lambda: self.memory_target.estimate_beside(params, raw, block_of, scale))
 
     def _memory_step_done(self, stats) -> None:
         if self.memory_target is None or self.plan is None:

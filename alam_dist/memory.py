@@ -264,6 +264,22 @@ class MemoryTarget:
                 "target.", share)
         return self.forecast
 
+    def estimate_beside(self, params: list[torch.Tensor], raw_bytes: dict[str, int],
+                        block_of: Callable[[str], int | None] | None, scale: float) -> int:
+        """Before measured steps: memory in use now, a gradient and two fp32 Adam moments
+        for every trainable parameter without a gradient yet, and the largest block's
+        saved tensors uncompressed (its backward's working set; ``raw_bytes`` per key at
+        the probed size, times ``scale``). Meant to err high."""
+        pending = sum(p.numel() * (p.element_size() + 8) for p in params if p.grad is None)
+        if block_of is not None:
+            per_block: dict = {}
+            for key, nbytes in raw_bytes.items():
+                per_block[block_of(key)] = per_block.get(block_of(key), 0) + nbytes
+            working = max(per_block.values(), default=0)
+        else:
+            working = 2 * max(raw_bytes.values(), default=0)
+        return in_use(self.device) + pending + int(working * scale)
+
     # -- training steps -------------------------------------------------------------------
     def step_measured(self, planned_bytes: int) -> float | None:
         """After a training step: its peak less the ``planned_bytes`` it saved (per
