@@ -522,6 +522,14 @@ def in_optimized_module() -> bool:
     return bool(getattr(eval_frame, "_in_optimized_module", False))
 
 
+def dynamo_used() -> bool:
+    """Whether dynamo has begun compiling any frame in this process (then a forward may be
+    running inside a compiled function, where only graph-module hooks are inlined)."""
+    utils = getattr(getattr(torch, "_dynamo", None), "utils", None)
+    counters = getattr(utils, "counters", None)
+    return bool(counters is not None and counters["frames"]["total"])
+
+
 def compiled_autograd_enabled() -> bool:
     ca = getattr(torch._dynamo, "compiled_autograd", None)
     return bool(ca is not None and (getattr(ca, "compiled_autograd_enabled", False)

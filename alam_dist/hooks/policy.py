@@ -250,10 +250,16 @@ class SavedTensorPolicy:
                     "saved-tensor hooks outside the compiled graphs, so ALAM would compress "
                     "nothing there. Turn compiled autograd off (torch.compile of the model "
                     "is supported), or leave ALAM off.")
-            self._hooks_ctx = (self.hooks.context() if self.hooks is not None else
+            compiled_model = self._compiled_model()
+            # graph-module hooks only where compiled graphs may inline them (a compiled
+            # module, or dynamo at work in this process: a compiled function that calls the
+            # model); in eager code they cost a GraphModule call and a dynamo-disabled frame
+            # per pack and unpack
+            graph_hooks = self.hooks is not None and (compiled_model or compiled.dynamo_used())
+            self._hooks_ctx = (self.hooks.context() if graph_hooks else
                                torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack))
             self._hooks_ctx.__enter__()
-            if self._routes_attention() and not self._compiled_model():
+            if self._routes_attention() and not compiled_model:
                 self._attention_ctx = ConsistentAttentionMode()
                 self._attention_ctx.__enter__()
 
