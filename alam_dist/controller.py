@@ -486,10 +486,9 @@ class Controller:
 def _model_device(model: torch.nn.Module) -> torch.device:
     """Where the model trains: its parameters' accelerator, else the current CUDA device
     (a model built on the CPU or offloaded, moved later), else the CPU."""
-    for p in model.parameters():
-        if p.device.type not in ("cpu", "meta"):
-            return p.device
-        break
+    first = next(model.parameters(), None)
+    if first is not None and first.device.type not in ("cpu", "meta"):
+        return first.device
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -59,8 +59,9 @@ class MemoryTargetError(RuntimeError):
 
 
 # -- the device's own counters ----------------------------------------------------------
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
+def _proc_bytes(path: str, field: str) -> int:
+    """A "<field>: <n> kB" line of a /proc file, in bytes (0 where absent)."""
+    with open(path) as f:
         for line in f:
             if line.startswith(field):
                 return int(line.split()[1]) * 1024
@@ -72,7 +73,7 @@ def in_use(device: torch.device) -> int:
     GPU, the resident set on the CPU."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
-    return _status_bytes("VmRSS")
+    return _proc_bytes("/proc/self/status", "VmRSS")
 
 
 _overall_peak: dict[str, int] = {}
@@ -83,7 +84,7 @@ def peak(device: torch.device) -> int:
     if device.type == "cuda":
         value = torch.cuda.max_memory_allocated(device)
     else:
-        value = _status_bytes("VmHWM")
+        value = _proc_bytes("/proc/self/status", "VmHWM")
     _overall_peak[str(device)] = max(_overall_peak.get(str(device), 0), value)
     return value
 
@@ -112,16 +113,8 @@ def capacity_target(device: torch.device, reserve_gb: float) -> int:
         total = torch.cuda.mem_get_info(device)[1]
     else:
         local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        total = _meminfo_bytes("MemAvailable") // local + in_use(device)
+        total = _proc_bytes("/proc/meminfo", "MemAvailable") // local + in_use(device)
     return int(total - reserve_gb * GIB)
-
-
-def _meminfo_bytes(field: str) -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _size(nbytes: int) -> str:
