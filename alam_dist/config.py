@@ -22,6 +22,11 @@ DEFAULT_FLOORS = {"rotated": {"*Norm:*/*.0": 4, "op:LogSoftmaxBackward0": 8},
 DEFAULT_LADDER = DEFAULT_LADDERS["rotated"]
 
 
+def _is_number(value: Any) -> bool:
+    """An int or float, not a bool (JSON's true would pass isinstance(int))."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(kw_only=True)
 class ALAMConfig:
     enabled: bool = True
@@ -110,8 +115,7 @@ class ALAMConfig:
     def validate(self) -> None:
         if not isinstance(self.enabled, bool):
             raise ValueError(f"alam.enabled must be true or false, got {self.enabled!r}")
-        if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)) \
-                or not 0.5 <= self.bits <= 32:
+        if not _is_number(self.bits) or not 0.5 <= self.bits <= 32:
             raise ValueError(f"alam.bits is the average bit budget and must be a number in "
                              f"[0.5, 32], got {self.bits!r}")
         if self.total_steps is not None and (not isinstance(self.total_steps, int)
@@ -162,12 +166,10 @@ class ALAMConfig:
                 self.probe_blocks, int) or self.probe_blocks < 1):
             raise ValueError(f"alam.probe_blocks must be a positive integer or null (every "
                              f"block), got {self.probe_blocks!r}")
-        if isinstance(self.probe_batch_fraction, bool) or not isinstance(
-                self.probe_batch_fraction, (int, float)) or not 0 < self.probe_batch_fraction <= 1:
+        if not _is_number(self.probe_batch_fraction) or not 0 < self.probe_batch_fraction <= 1:
             raise ValueError(f"alam.probe_batch_fraction must be in (0, 1], got "
                              f"{self.probe_batch_fraction!r}")
-        if isinstance(self.probe_timeout_s, bool) or not isinstance(
-                self.probe_timeout_s, (int, float)) or self.probe_timeout_s < 0:
+        if not _is_number(self.probe_timeout_s) or self.probe_timeout_s < 0:
             raise ValueError(f"alam.probe_timeout_s must be seconds >= 0 (0: no watchdog), got "
                              f"{self.probe_timeout_s!r}")
         if self.probe_granularity not in ("row", "param"):
@@ -182,12 +184,10 @@ class ALAMConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"alam.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         target = self.memory_target_gb
-        if target is not None and target != "auto" and (
-                isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 0):
+        if target is not None and target != "auto" and (not _is_number(target) or not target > 0):
             raise ValueError(f"alam.memory_target_gb must be GiB > 0, \"auto\" or null, got "
                              f"{target!r}")
-        if isinstance(self.memory_reserve_gb, bool) or not isinstance(
-                self.memory_reserve_gb, (int, float)) or self.memory_reserve_gb < 0:
+        if not _is_number(self.memory_reserve_gb) or self.memory_reserve_gb < 0:
             raise ValueError(f"alam.memory_reserve_gb must be GiB >= 0, got "
                              f"{self.memory_reserve_gb!r}")
 
