@@ -211,12 +211,14 @@ class SavedTensorPolicy:
 
     def count_compiled_exact(self, key: str, x: torch.Tensor) -> None:
         """A compiled graph kept an activation as it is (counted on both sides)."""
-        nbytes = x.numel() * x.element_size()
-        s = self.stats
-        s.tensors += 1
-        s.raw_bytes += nbytes
-        s.packed_bytes += nbytes
-        s.exact_bytes += nbytes
+        self.stats.tensors += 1
+        self._count_kept(x.numel() * x.element_size())
+
+    def _count_kept(self, nbytes: int) -> None:
+        """An activation kept as it is: still activation memory, on both sides of the ratio."""
+        self.stats.raw_bytes += nbytes
+        self.stats.packed_bytes += nbytes
+        self.stats.exact_bytes += nbytes
 
     def count_compiled(self, key: str, x: torch.Tensor, packed: PackedTensor) -> None:
         """A compiled graph's encode op ran: the step's statistics, as for eager saves."""
@@ -296,11 +298,8 @@ class SavedTensorPolicy:
         kept, total = self.size_share
         if not is_mask and (t.dtype not in FLOATS or t.numel() * total < self.min_numel * kept):
             # Kept as is, but still activation memory: counted on both sides of the ratio.
-            nbytes = t.numel() * t.element_size()
             self.stats.skipped_other += 1
-            self.stats.raw_bytes += nbytes
-            self.stats.packed_bytes += nbytes
-            self.stats.exact_bytes += nbytes
+            self._count_kept(t.numel() * t.element_size())
             if t.dtype in FLOATS:  # a plan remembers it: larger batches may cross min_numel
                 self.seen_small.add(key)
             return _as_is(t)
