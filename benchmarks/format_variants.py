@@ -10,7 +10,8 @@ fine-tune table's rows for them can be run again:
 * ``unb1``: the 1-bit sign code with levels +-sum(r^2)/sum|r| instead of +-mean|r| (the
   reconstruction no longer shrinks: E[x_hat x] = E[x^2]; MSE 0.56 against 0.36).
 
-Metadata as the registry's formats: a bfloat16 (step, mean) per group of 128.
+Metadata as the registry's formats: a bfloat16 (step, mean) per group of 128. The rotation
+and the bit packing are the reference codec's own (``rotate_groups``, ``pack_codes``).
 """
 from __future__ import annotations
 
@@ -25,21 +26,8 @@ _LM2 = (-1.510, -0.4528, 0.4528, 1.510)
 _LM2_THRESHOLDS = (-0.9816, 0.0, 0.9816)
 
 
-def _rotate(x: torch.Tensor, seed: int):
-    n = x.numel()
-    ng = -(-n // R.GROUP)
-    v = torch.cat([x.float(), x.new_zeros(ng * R.GROUP - n, dtype=torch.float32)]).view(ng, R.GROUP)
-    mean_bits = R._bf16_bits_nearest(R._tree_sum(v) / R.GROUP)
-    v = v - R._bf16_from_bits(mean_bits)[:, None]
-    return R._fwht(torch.where(R.rotation_signs(seed, x.device), -v, v)), mean_bits
-
-
-def _pack(q: torch.Tensor, bits: int, step_bits: torch.Tensor, mean_bits: torch.Tensor):
-    per_byte = 8 // bits
-    q = q.to(torch.int32).view(-1, per_byte)
-    shifts = torch.arange(per_byte, dtype=torch.int32, device=q.device) * bits
-    meta = torch.stack([step_bits, mean_bits], dim=1)
-    return (q << shifts).sum(dim=1).to(torch.uint8), meta.to(torch.int16).view(torch.bfloat16)
+def _meta(step_bits: torch.Tensor, mean_bits: torch.Tensor) -> torch.Tensor:
+    return torch.stack([step_bits, mean_bits], dim=1).to(torch.int16).view(torch.bfloat16)
 
 
 @contextlib.contextmanager
@@ -53,25 +41,23 @@ def variant(name: str):
     def q(x, bits, seed):
         if bits != bits_changed or x.numel() == 0 or not torch.isfinite(x).all():
             return quantize(x, bits, seed)
-        r, mean_bits = _rotate(x, seed)
+        r, mean_bits = R.rotate_groups(x, seed)
         if name == "lm2":
             step_bits = R._bf16_bits_nearest(r.pow(2).mean(dim=1).sqrt())
             step = R._bf16_from_bits(step_bits)
             z = r / torch.where(step == 0, torch.ones_like(step), step)[:, None]
-            return _pack(torch.bucketize(z, torch.tensor(_LM2_THRESHOLDS, device=z.device)), 2,
-                         step_bits, mean_bits)
+            codes = torch.bucketize(z, torch.tensor(_LM2_THRESHOLDS, device=z.device))
+            return R.pack_codes(codes, 2), _meta(step_bits, mean_bits)
         level = r.pow(2).sum(dim=1) / r.abs().sum(dim=1).clamp_min(1e-30)
-        return _pack((r > 0).long(), 1, R._bf16_bits_nearest(level + level), mean_bits)
+        return R.pack_codes(r > 0, 1), _meta(R._bf16_bits_nearest(level + level), mean_bits)
 
     def d(payload, meta, n, bits, seed, dtype):
         if bits != 2 or name != "lm2" or n == 0 or torch.isnan(meta.float()).any():
             return dequantize(payload, meta, n, bits, seed, dtype)  # unb1 decodes as h1
         shifts = torch.arange(4, dtype=torch.int32, device=payload.device) * 2
-        q = ((payload.to(torch.int32)[:, None] >> shifts) & 3).reshape(meta.shape[0], R.GROUP)
-        r = torch.tensor(_LM2, device=q.device)[q.long()] * meta[:, 0].float()[:, None]
-        v = R._fwht(r) / R.GROUP
-        v = torch.where(R.rotation_signs(seed, r.device), -v, v) + meta[:, 1].float()[:, None]
-        return v.reshape(-1)[:n].to(dtype)
+        codes = ((payload.to(torch.int32)[:, None] >> shifts) & 3).reshape(meta.shape[0], R.GROUP)
+        r = torch.tensor(_LM2, device=codes.device)[codes.long()] * meta[:, 0].float()[:, None]
+        return R.unrotate_groups(r, meta[:, 1].float(), seed).reshape(-1)[:n].to(dtype)
 
     R.quantize_rotated, R.dequantize_rotated = q, d
     try:

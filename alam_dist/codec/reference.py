@@ -255,19 +255,33 @@ def _bf16_from_bits(bits: torch.Tensor) -> torch.Tensor:
     return (bits.to(torch.int32) << 16).view(torch.float32)
 
 
-def quantize_rotated(x: torch.Tensor, bits: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat float tensor -> (uint8 payload, bfloat16 [groups, 2] of (step, mean))."""
+def rotate_groups(x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat float tensor (not empty) -> (rotated values [groups, GROUP] in fp32, the
+    groups' bfloat16 means as int32 bit patterns): the tail group padded with zeros, the
+    mean taken out, the signs flipped, the Walsh-Hadamard transform applied."""
     n = x.numel()
     ng = -(-n // GROUP)
-    if n == 0:
-        return (torch.empty(0, dtype=torch.uint8, device=x.device),
-                torch.empty(0, 2, dtype=torch.bfloat16, device=x.device))
     v = torch.cat([x.to(torch.float32), x.new_zeros(ng * GROUP - n, dtype=torch.float32)])
     v = v.view(ng, GROUP)
     mean_bits = _bf16_bits_nearest(_tree_sum(v) * _f32(1.0 / GROUP, v))
     v = v - _bf16_from_bits(mean_bits)[:, None]
     v = torch.where(rotation_signs(seed, x.device), -v, v)
-    r = _fwht(v)
+    return _fwht(v), mean_bits
+
+
+def unrotate_groups(r: torch.Tensor, mean: torch.Tensor, seed: int) -> torch.Tensor:
+    """Inverse of :func:`rotate_groups` for reconstructed rotated values ``r`` [groups,
+    GROUP] and the groups' means (fp32): the values [groups, GROUP] in fp32."""
+    v = _fwht(r) * _f32(1.0 / GROUP, r)
+    return torch.where(rotation_signs(seed, r.device), -v, v) + mean[:, None]
+
+
+def quantize_rotated(x: torch.Tensor, bits: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat float tensor -> (uint8 payload, bfloat16 [groups, 2] of (step, mean))."""
+    if x.numel() == 0:
+        return (torch.empty(0, dtype=torch.uint8, device=x.device),
+                torch.empty(0, 2, dtype=torch.bfloat16, device=x.device))
+    r, mean_bits = rotate_groups(x, seed)
     levels = (1 << bits) - 1
     finite = torch.isfinite(r).all(dim=1)
     if bits == 1:
@@ -287,13 +301,18 @@ def quantize_rotated(x: torch.Tensor, bits: int, seed: int) -> tuple[torch.Tenso
     q = torch.where(bad[:, None], torch.zeros_like(q), q)
     # All GROUP rotated values of the tail group are stored: each one carries part of
     # every input value of the group.
-    per_byte = 8 // bits
-    q = q.to(torch.int32).view(-1, per_byte)
-    shifts = torch.arange(per_byte, device=x.device, dtype=torch.int32) * bits
-    payload = (q << shifts).sum(dim=1).to(torch.uint8)
     meta = torch.stack([step_bits, mean_bits], dim=1)
     meta = torch.where(bad[:, None], torch.full_like(meta, NAN_BITS[torch.bfloat16]), meta)
-    return payload, meta.to(torch.int16).view(torch.bfloat16)
+    return pack_codes(q, bits), meta.to(torch.int16).view(torch.bfloat16)
+
+
+def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of whole groups (any shape, GROUP values per group) -> uint8 payload, value i
+    at bit ``(i % (8 // bits)) * bits`` of byte ``i // (8 // bits)``."""
+    per_byte = 8 // bits
+    q = q.to(torch.int32).reshape(-1, per_byte)
+    shifts = torch.arange(per_byte, device=q.device, dtype=torch.int32) * bits
+    return (q << shifts).sum(dim=1).to(torch.uint8)
 
 
 def dequantize_rotated(payload: torch.Tensor, meta: torch.Tensor, n: int, bits: int, seed: int,
@@ -309,7 +328,6 @@ def dequantize_rotated(payload: torch.Tensor, meta: torch.Tensor, n: int, bits: 
     step, mean = meta[:, 0].to(torch.float32), meta[:, 1].to(torch.float32)
     levels = (1 << bits) - 1
     r = (q.to(torch.float32) - _f32(levels / 2, step)) * step[:, None]
-    v = _fwht(r) * _f32(1.0 / GROUP, step)
-    v = torch.where(rotation_signs(seed, payload.device), -v, v) + mean[:, None]
+    v = unrotate_groups(r, mean, seed)
     nan = torch.isnan(step)[:, None].expand(ng, GROUP).reshape(-1)[:n]
     return with_nan_pattern(v.reshape(-1)[:n].to(dtype), nan)
