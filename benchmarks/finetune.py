@@ -90,26 +90,49 @@ def mlm_loss(model, batch) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(model.cls(hidden[picked]), batch["labels"][picked])
 
 
-def load_model(path: str):
-    import logging
-    from transformers import BertForMaskedLM
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    torch.manual_seed(1)  # the MLM head's fresh transform: the same in every row
-    return BertForMaskedLM.from_pretrained(path, local_files_only=True, attn_implementation="sdpa")
+class MiniLMTask(Corpus):
+    """The encoder row: MiniLM-L6 with its masked-LM head."""
+
+    name = "minilm"
+    lr = 1e-4
+
+    def __init__(self, seq: int):
+        from transformers import AutoTokenizer
+        self.path = minilm_path()
+        super().__init__(AutoTokenizer.from_pretrained(self.path, local_files_only=True), seq=seq)
+
+    def batch(self, windows: list[list[int]], generator: torch.Generator, train: bool = True) -> dict:
+        return super().batch(windows, generator)
+
+    loss = staticmethod(mlm_loss)
+
+    def load_model(self):
+        import logging
+        from transformers import BertForMaskedLM
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        torch.manual_seed(1)  # the MLM head's fresh transform: the same in every row
+        return BertForMaskedLM.from_pretrained(self.path, local_files_only=True, attn_implementation="sdpa")
 
 
-def held_out_loss(model, corpus: Corpus, batches: int, batch: int) -> float:
+def make_task(name: str, seq: int | None, quick: bool = False):
+    if name == "minilm":
+        return MiniLMTask(seq or 64)
+    from decoder_task import DecoderTask
+    return DecoderTask(seq or 128, quick=quick)
+
+
+def held_out_loss(model, task, batches: int, batch: int) -> float:
     model.eval()
     g = torch.Generator().manual_seed(12345)
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(batches):
-            windows = corpus.held[i * batch:(i + 1) * batch]
+            windows = task.held[i * batch:(i + 1) * batch]
             if not windows:
                 break
-            total += float(mlm_loss(model, corpus.batch(windows, g))) * len(windows)
+            total += float(task.loss(model, task.batch(windows, g, train=False))) * len(windows)
             count += len(windows)
     model.train()
     return total / count
@@ -126,9 +149,9 @@ def parse_row(spec: str) -> dict:
     return {"name": spec, "budget": budget, "overrides": overrides}
 
 
-def run(row: dict, seed: int, corpus: Corpus, path: str, args) -> dict:
+def run(row: dict, seed: int, task, args) -> dict:
     torch.manual_seed(seed)
-    model = load_model(path)
+    model = task.load_model()
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=0.01)
@@ -140,14 +163,14 @@ def run(row: dict, seed: int, corpus: Corpus, path: str, args) -> dict:
                                    **row["overrides"])
         ctl = alam_dist.apply(model, cfg)
     g_mask = torch.Generator().manual_seed(1000 + seed)
-    order = torch.randperm(len(corpus.train), generator=torch.Generator().manual_seed(7)).tolist()
+    order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(7)).tolist()
     start, ratios = time.perf_counter(), []
     step = [0]
 
     def backprop():
         i = step[0] * args.batch
-        windows = [corpus.train[order[(i + j) % len(order)]] for j in range(args.batch)]
-        loss = mlm_loss(model, corpus.batch(windows, g_mask))
+        windows = [task.train[order[(i + j) % len(order)]] for j in range(args.batch)]
+        loss = task.loss(model, task.batch(windows, g_mask))
         opt.zero_grad()
         loss.backward()
         return loss
@@ -156,16 +179,16 @@ def run(row: dict, seed: int, corpus: Corpus, path: str, args) -> dict:
         step[0] = s
         if ctl is not None:
             ctl.iterate(backprop)
-            ratios.append(ctl.memory_report(count_nonfinite=False)["ratio"])
+            ratios.append(memory_report(ctl, count_nonfinite=False)["ratio"])
         else:
             backprop()
         opt.step()
         sched.step()
-    out = {"row": row["name"], "seed": seed, "budget": row["budget"],
-           "held_out": held_out_loss(model, corpus, args.eval_batches, args.batch),
+    out = {"model": task.name, "row": row["name"], "seed": seed, "budget": row["budget"],
+           "held_out": held_out_loss(model, task, args.eval_batches, args.batch),
            "seconds": time.perf_counter() - start}
     if ctl is not None:
-        report = ctl.memory_report()
+        report = memory_report(ctl)
         out["ratio"] = statistics_median(ratios)
         out["ratio_bf16"] = out["ratio"] / 2  # what the same plan saves against bf16 activations
         out["plan_bits"] = ctl.plan.average_bits() if ctl.plan else None
@@ -173,6 +196,13 @@ def run(row: dict, seed: int, corpus: Corpus, path: str, args) -> dict:
         out["format_share"] = format_share(ctl.plan) if ctl.plan else {}
         ctl.uninstall_hook()
     return out
+
+
+def memory_report(ctl, count_nonfinite: bool = True) -> dict:
+    try:
+        return ctl.memory_report(count_nonfinite=count_nonfinite)
+    except TypeError:  # an older alam_dist (issue 25's "before" rows, PYTHONPATH=<old checkout>)
+        return ctl.memory_report()
 
 
 def statistics_median(values: list[float]) -> float:
@@ -199,9 +229,12 @@ def main() -> None:
     ap.add_argument("--merge", nargs="*", default=[],
                     help="JSON lines of earlier runs (the rows this script prints) to table beside these")
     ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--seq", type=int, default=64, help="tokens per window")
+    ap.add_argument("--model", choices=["minilm", "llama"], default="minilm",
+                    help="minilm: the pretrained encoder; llama: a small decoder pretrained here "
+                         "first (a few minutes, cached under runs/finetune/)")
+    ap.add_argument("--seq", type=int, default=None, help="tokens per window (minilm 64, llama 128)")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=None, help="AdamW (minilm 1e-4, llama 5e-4)")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--eval-batches", type=int, default=100, help="at most (default: all)")
     ap.add_argument("--quick", action="store_true", help="a few steps (CI smoke)")
@@ -215,9 +248,8 @@ def main() -> None:
         args.exact_seeds, args.seeds = args.exact_seeds[:1], args.seeds[:1]
         args.budgets = args.budgets[:1]
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    path = minilm_path()
-    from transformers import AutoTokenizer
-    corpus = Corpus(AutoTokenizer.from_pretrained(path, local_files_only=True), seq=args.seq)
+    task = make_task(args.model, args.seq, args.quick)
+    args.lr = args.lr or task.lr
     rows = [{"name": "exact", "budget": None, "overrides": {}, "seeds": args.exact_seeds}]
     rows += [{**parse_row(f"b{b:g}"), "seeds": args.seeds} for b in args.budgets]
     rows += [{**parse_row(spec), "seeds": args.seeds} for spec in args.rows]
@@ -232,15 +264,17 @@ def main() -> None:
         for seed in row["seeds"]:
             with (variant(args.variant) if args.variant and row["budget"] is not None
                   else contextlib.nullcontext()):
-                r = run(row, seed, corpus, path, args)
+                r = run(row, seed, task, args)
             results.append(r)
             print(json.dumps(r), flush=True)
-    base = next((r["held_out"] for r in results if r["row"] == "exact" and r["seed"] == 0), None)
-    for r in results:  # against exact seed 0 (run it, or --merge a run that has it)
-        r["vs_exact_pct"] = None if base is None else 100 * (r["held_out"] / base - 1)
-    print_table(results, ["row", "seed", "held_out", "vs_exact_pct", "ratio", "ratio_bf16",
+    base = {r.get("model", "minilm"): r["held_out"] for r in results
+            if r["row"] == "exact" and r["seed"] == 0}
+    for r in results:  # against exact seed 0 of the same model (run it, or --merge a run that has it)
+        b = base.get(r.get("model", "minilm"))
+        r["vs_exact_pct"] = None if b is None else 100 * (r["held_out"] / b - 1)
+    print_table(results, ["model", "row", "seed", "held_out", "vs_exact_pct", "ratio", "ratio_bf16",
                           "plan_bits", "format_share", "seconds"])
-    print_json("finetune", results, train_windows=len(corpus.train), held_windows=len(corpus.held),
+    print_json("finetune", results, model=args.model, train_windows=len(task.train), held_windows=len(task.held),
                steps=args.steps, batch=args.batch)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

@@ -125,3 +125,19 @@ def test_finetune_format_variants_do_what_their_rows_say():
     assert float((sign * x).mean() / (x * x).mean()) < 0.7  # the sign code shrinks...
     assert float((unb1 * x).mean() / (x * x).mean()) == pytest.approx(1.0, abs=0.02)  # ...this not
     assert torch.equal(round_trip(2), covering) and torch.equal(round_trip(1), sign)
+
+
+def test_finetune_decoder_quick():
+    """benchmarks/finetune.py --model llama --quick: the decoder row -- a LLaMA pretrained
+    here on the standard library's docstrings (cached under runs/finetune/), fine-tuned on
+    the pydoc topics' train split and judged on the held-out topics."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "finetune.py"), "--quick",
+                           "--model", "llama"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["model"] == "llama" and result["held_windows"] > 50
+    exact, alam = result["results"]
+    assert exact["row"] == "exact" and alam["budget"] == 4 and alam["model"] == "llama"
+    assert alam["ratio"] > 4 and abs(alam["vs_exact_pct"]) < 5
