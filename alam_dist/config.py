@@ -40,7 +40,7 @@ class ALAMConfig:
     formats: str = "rotated"
     """Codec family the ladder's numbers name: "rotated" (default: 8/4/2/1 bits in
     Walsh-Hadamard-rotated groups of 128 with a bf16 step and mean, round to nearest;
-    0.5 = average quantization) or "minmax" (the ALAM paper's, formerly spelled "seed",
+    0.5 = the sign code on a seed-drawn half of the rotated values) or "minmax" (the ALAM paper's, formerly spelled "seed",
     which is still accepted: 8/4/2 bits in min/max groups, stochastic rounding; 0.5 =
     average quantization). Registry: alam_dist/codec/formats.py; measurements behind the
     default: docs/controller.md."""

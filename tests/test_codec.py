@@ -385,7 +385,7 @@ def test_the_registry_sizes_match_the_kernels_c_abi():
         for n in [*ODD_SIZES, 65536, 1 << 20 | 3]:
             if fmt.rotated:
                 assert fmt.payload_bytes(n) == abi.rotated_payload_bytes(n, fmt.kernel_bits), (fmt, n)
-                assert fmt.num_groups(n) == -(-n // GROUP)
+                assert fmt.num_groups(n) == -(-n // (GROUP * fmt.span))
             else:
                 assert fmt.payload_bytes(n) == abi.payload_bytes(n, fmt.kernel_bits), (fmt, n)
                 assert fmt.num_groups(n) == abi.num_groups(n, fmt.kernel_bits), (fmt, n)

@@ -11,7 +11,9 @@ Two families name the ``bits`` values of a plan:
   at 2, 4 and 8 bits, and average quantization at 0.5 bit;
 * ``"rotated"`` -- each group of 128 sign-flipped and Walsh-Hadamard rotated, rounded to
   nearest on symmetric levels with a bfloat16 (step, mean) per group, at 1 (a sign
-  code), 2, 4 and 8 bits; 0.5 bit is average quantization as in ``"minmax"``.
+  code), 2, 4 and 8 bits; at 0.5 bit the sign code on half of the rotated values, with
+  one (step, mean) per two groups ("h05", the same 0.625 stored bits as average
+  quantization; issue 25).
 
 So ``bits=1`` means one thing per family: the sign code in ``"rotated"``; in ``"minmax"``
 it is the seed code's alias of 0.5 (average quantization) and is normalised to 0.5
@@ -39,24 +41,28 @@ EXACT_BITS = (16, 32)
 @dataclass(frozen=True)
 class Format:
     """One compressed format. ``kernel_bits`` is the C ABI's code (0: average
-    quantization); ``meta_dtype`` the dtype of the [groups, 2] metadata."""
+    quantization, or for rotated formats the half sign code); ``meta_dtype`` the dtype of
+    the [groups, 2] metadata; ``span`` how many elements one quantized value stands for
+    (AQ: a mean of 4; h05: one kept rotated value per 2), so a group of metadata covers
+    ``GROUP * span`` elements."""
 
     name: str
     bits: float
     kernel_bits: int
     rotated: bool
     meta_dtype: torch.dtype
+    span: int = 1
 
     def values(self, n: int) -> int:
         """How many values are quantized for ``n`` elements (means, for AQ)."""
-        return -(-n // AQ_AVG) if self.kernel_bits == 0 else n
+        return -(-n // self.span)
 
     def num_groups(self, n: int) -> int:
         return -(-self.values(n) // GROUP)
 
     def payload_bytes(self, n: int) -> int:
         if self.rotated:  # whole groups: the rotation needs all 128 slots
-            return self.num_groups(n) * GROUP * self.kernel_bits // 8
+            return self.num_groups(n) * GROUP * max(self.kernel_bits, 1) // 8
         return -(-self.values(n) * (self.kernel_bits or 2) // 8)
 
     def meta_bytes(self, n: int) -> int:
@@ -67,16 +73,18 @@ class Format:
         """Bits per element stored, metadata included (for whole groups): what the
         allocator budgets."""
         meta_bits = 2 * self.meta_dtype.itemsize * 8
-        per_group_elements = GROUP * (AQ_AVG if self.kernel_bits == 0 else 1)
-        return self.bits + meta_bits / per_group_elements
+        return self.bits + meta_bits / (GROUP * self.span)
 
 
-AQ = Format("aq", 0.5, 0, False, torch.float32)
+AQ = Format("aq", 0.5, 0, False, torch.float32, span=AQ_AVG)
+H05_SPAN = 2
+"""h05: a block of GROUP * 2 values (two rotated groups) keeps GROUP sign bits."""
 REGISTRY: dict[str, Format] = {f.name: f for f in (
     AQ,
     Format("q2", 2, 2, False, torch.float32),
     Format("q4", 4, 4, False, torch.float32),
     Format("q8", 8, 8, False, torch.float32),
+    Format("h05", 0.5, 0, True, torch.bfloat16, span=H05_SPAN),
     Format("h1", 1, 1, True, torch.bfloat16),
     Format("h2", 2, 2, True, torch.bfloat16),
     Format("h4", 4, 4, True, torch.bfloat16),
@@ -86,7 +94,7 @@ REGISTRY: dict[str, Format] = {f.name: f for f in (
 
 LADDERS: dict[str, dict[float, Format]] = {
     "minmax": {0.5: AQ, 2: REGISTRY["q2"], 4: REGISTRY["q4"], 8: REGISTRY["q8"]},
-    "rotated": {0.5: AQ, 1: REGISTRY["h1"], 2: REGISTRY["h2"], 4: REGISTRY["h4"],
+    "rotated": {0.5: REGISTRY["h05"], 1: REGISTRY["h1"], 2: REGISTRY["h2"], 4: REGISTRY["h4"],
                 8: REGISTRY["h8"]},
 }
 """Per family: plan bits -> format."""

@@ -30,6 +30,7 @@ import torch
 from alam_dist.codec.formats import AQ_AVG, GROUP, REGISTRY
 
 _BY_KERNEL_BITS = {f.kernel_bits: f for f in REGISTRY.values() if not f.rotated}
+HALF = GROUP // 2  # h05 keeps rotated values 0..HALF-1 of each group
 _M32 = 0xFFFFFFFF
 
 NAN_BITS = {torch.float32: 0x7FC00000, torch.bfloat16: 0x7FC0, torch.float16: 0x7E00}
@@ -277,10 +278,13 @@ def unrotate_groups(r: torch.Tensor, mean: torch.Tensor, seed: int) -> torch.Ten
 
 
 def quantize_rotated(x: torch.Tensor, bits: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat float tensor -> (uint8 payload, bfloat16 [groups, 2] of (step, mean))."""
+    """Flat float tensor -> (uint8 payload, bfloat16 [groups, 2] of (step, mean)); bits 0
+    is h05 (:func:`quantize_half`)."""
     if x.numel() == 0:
         return (torch.empty(0, dtype=torch.uint8, device=x.device),
                 torch.empty(0, 2, dtype=torch.bfloat16, device=x.device))
+    if bits == 0:
+        return quantize_half(x, seed)
     r, mean_bits = rotate_groups(x, seed)
     levels = (1 << bits) - 1
     finite = torch.isfinite(r).all(dim=1)
@@ -320,6 +324,8 @@ def dequantize_rotated(payload: torch.Tensor, meta: torch.Tensor, n: int, bits: 
     """Inverse of :func:`quantize_rotated` (the seed gives the same signs)."""
     if n == 0:
         return torch.empty(0, dtype=dtype, device=payload.device)
+    if bits == 0:
+        return dequantize_half(payload, meta, n, seed, dtype)
     ng = meta.shape[0]
     per_byte = 8 // bits
     shifts = torch.arange(per_byte, device=payload.device, dtype=torch.int32) * bits
@@ -330,4 +336,58 @@ def dequantize_rotated(payload: torch.Tensor, meta: torch.Tensor, n: int, bits: 
     r = (q.to(torch.float32) - _f32(levels / 2, step)) * step[:, None]
     v = unrotate_groups(r, mean, seed)
     nan = torch.isnan(step)[:, None].expand(ng, GROUP).reshape(-1)[:n]
+    return with_nan_pattern(v.reshape(-1)[:n].to(dtype), nan)
+
+
+# -- h05: the sign code on a random half of the rotated values ------------------------
+#
+# Per block of 2 * GROUP values (two groups; the tail block padded with zeros): subtract
+# the block mean (bfloat16, round to nearest, of (tree sum of group 0 + tree sum of group
+# 1) * 1/256), flip the signs and rotate each group as the rotated formats do, then keep
+# only rotated values 0..63 of each group as a sign code: GROUP kept values in the order
+# (group 0's, group 1's), summed |r| in the tree of :func:`_tree_sum`, step = 2 * mean|r|
+# rounded to nearest (h1's rule), code floor(clamp(r / step + 1, 0, 1)). The other half
+# decodes as 0. Metadata: one (step, mean) per block; 0.625 stored bits per element, as
+# average quantization. The seed changes the sign flips every step, so the half-space
+# that is dropped changes too (its expectation is half the identity): average
+# quantization drops the same three quarters of every tensor at every step.
+
+
+def quantize_half(x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.numel()
+    nb = -(-n // (2 * GROUP))
+    v = torch.cat([x.to(torch.float32), x.new_zeros(nb * 2 * GROUP - n, dtype=torch.float32)])
+    v = v.view(nb * 2, GROUP)
+    sums = _tree_sum(v).view(nb, 2)
+    mean_bits = _bf16_bits_nearest((sums[:, 0] + sums[:, 1]) * _f32(1.0 / (2 * GROUP), v))
+    v = v - _bf16_from_bits(mean_bits).repeat_interleave(2)[:, None]
+    v = torch.where(rotation_signs(seed, x.device), -v, v)
+    r = _fwht(v).view(nb, 2, GROUP)
+    finite = torch.isfinite(r).all(dim=2).all(dim=1)
+    kept = r[:, :, :HALF].reshape(nb, GROUP)
+    mean_abs = _tree_sum(kept.abs()) * _f32(1.0 / GROUP, v)
+    step_bits = _bf16_bits_nearest(mean_abs + mean_abs)
+    step = _bf16_from_bits(step_bits)
+    bad = ~finite | ~torch.isfinite(step)
+    ones = torch.ones_like(step)
+    inv = ones / torch.where(step == 0, ones, step)
+    t = kept * inv[:, None] + _f32(1.0, v)
+    t = torch.where(t > 0, t, torch.zeros_like(t))
+    t = torch.where(t < 1, t, torch.ones_like(t))
+    q = torch.where(bad[:, None], torch.zeros_like(t), torch.floor(t))
+    meta = torch.stack([step_bits, mean_bits], dim=1)
+    meta = torch.where(bad[:, None], torch.full_like(meta, NAN_BITS[torch.bfloat16]), meta)
+    return pack_codes(q, 1), meta.to(torch.int16).view(torch.bfloat16)
+
+
+def dequantize_half(payload: torch.Tensor, meta: torch.Tensor, n: int, seed: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    nb = meta.shape[0]
+    shifts = torch.arange(8, device=payload.device, dtype=torch.int32)
+    q = ((payload.to(torch.int32)[:, None] >> shifts) & 1).reshape(nb, 2, HALF)
+    step, mean = meta[:, 0].to(torch.float32), meta[:, 1].to(torch.float32)
+    r = torch.zeros(nb, 2, GROUP, dtype=torch.float32, device=payload.device)
+    r[:, :, :HALF] = (q.to(torch.float32) - _f32(0.5, step)) * step[:, None, None]
+    v = unrotate_groups(r.view(nb * 2, GROUP), mean.repeat_interleave(2), seed)
+    nan = torch.isnan(step)[:, None].expand(nb, 2 * GROUP).reshape(-1)[:n]
     return with_nan_pattern(v.reshape(-1)[:n].to(dtype), nan)

@@ -130,7 +130,8 @@ extern "C" {
 // quantization: ceil(n / ALAM_AQ_AVG) means at 2 bits).
 int64_t alam_payload_bytes(int64_t n, int bits);
 int64_t alam_num_groups(int64_t n, int bits);
-// Rotated formats (bits 1, 2, 4, 8): ceil(n / ALAM_GROUP) groups, all values stored.
+// Rotated formats (bits 1, 2, 4, 8): ceil(n / ALAM_GROUP) groups, all values stored;
+// bits 0 is h05: ceil(n / (2 ALAM_GROUP)) blocks of ALAM_GROUP sign bits.
 int64_t alam_rotated_payload_bytes(int64_t n, int bits);
 
 // CPU kernels (csrc/cpu). `meta` holds 2 floats per group: min, scale.

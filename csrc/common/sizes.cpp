@@ -16,6 +16,8 @@ int64_t alam_payload_bytes(int64_t n, int bits) {
 }
 
 int64_t alam_rotated_payload_bytes(int64_t n, int bits) {
+  if (bits == 0)  // h05: GROUP sign bits per block of two groups
+    return (n + 2 * ALAM_GROUP - 1) / (2 * ALAM_GROUP) * (ALAM_GROUP / 8);
   return (n + ALAM_GROUP - 1) / ALAM_GROUP * (ALAM_GROUP * bits / 8);
 }
 

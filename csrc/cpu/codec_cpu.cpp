@@ -396,11 +396,128 @@ void dequantize_rotated(const uint8_t* payload, const uint16_t* meta, int64_t n,
   }
 }
 
+// -- h05: the sign code on half of the rotated values (alam_dist/codec/reference.py) ---
+// A block is two groups: one (step, mean) and GROUP sign bits (rotated values 0..63 of
+// each group, group 0's first); the dropped half decodes as 0.
+
+template <int DT>
+ALAM_MULTIVERSION void quantize_half_block(const void* x, int64_t n, int64_t first,
+                                           const float* sign, uint8_t* payload, uint16_t* meta) {
+  constexpr int H = G / 2;
+  alignas(64) float v[2][G];
+  for (int h = 0; h < 2; ++h) {
+    const int64_t base = first + (int64_t)h * G;
+    if (base + G <= n) {
+#pragma omp simd
+      for (int j = 0; j < G; ++j) v[h][j] = load<DT>(x, base + j);
+    } else {
+      for (int j = 0; j < G; ++j) v[h][j] = base + j < n ? load<DT>(x, base + j) : 0.0f;
+    }
+  }
+  const float sum = tree_sum(v[0]) + tree_sum(v[1]);
+  const uint16_t mean_bits = alam_float_to_bf16_nearest(sum * (1.0f / (float)(2 * G)));
+  const float mean = alam_bf16_to_float(mean_bits);
+  uint32_t nonfinite = 0;
+  alignas(64) float kept[G];
+  for (int h = 0; h < 2; ++h) {
+#pragma omp simd
+    for (int j = 0; j < G; ++j) v[h][j] = (v[h][j] - mean) * sign[j];
+    fwht_group(v[h]);
+#pragma omp simd reduction(| : nonfinite)
+    for (int j = 0; j < G; ++j) {
+      uint32_t u;
+      memcpy(&u, &v[h][j], 4);
+      nonfinite |= (u & 0x7F800000u) == 0x7F800000u;
+    }
+    for (int j = 0; j < H; ++j) kept[h * H + j] = v[h][j];
+  }
+  alignas(64) float a[G];
+#pragma omp simd
+  for (int j = 0; j < G; ++j) a[j] = fabsf(kept[j]);
+  const uint16_t step_bits = alam_rotated_step(0.0f, tree_sum(a), !nonfinite, 1);
+  if (step_bits == (uint16_t)ALAM_NAN_BF16) {
+    meta[0] = meta[1] = (uint16_t)ALAM_NAN_BF16;
+    memset(payload, 0, G / 8);
+    return;
+  }
+  meta[0] = step_bits;
+  meta[1] = mean_bits;
+  const float step = alam_bf16_to_float(step_bits);
+  const float inv = 1.0f / (step == 0.0f ? 1.0f : step);
+  uint8_t q[G];
+#pragma omp simd
+  for (int j = 0; j < G; ++j) {
+    float t = kept[j] * inv + 1.0f;
+    t = t > 0.0f ? t : 0.0f;
+    t = t < 1.0f ? t : 1.0f;
+    q[j] = (uint8_t)(int)t;
+  }
+  for (int b = 0; b < G / 8; ++b) {
+    uint32_t byte = 0;
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) byte |= (uint32_t)q[b * 8 + k] << k;
+    payload[b] = (uint8_t)byte;
+  }
+}
+
+template <int DT>
+ALAM_MULTIVERSION void dequantize_half_block(const uint8_t* payload, const uint16_t* meta,
+                                             int64_t n, int64_t first, const float* sign,
+                                             void* out) {
+  constexpr int H = G / 2;
+  alignas(64) float v[2][G];
+  if (meta[0] == (uint16_t)ALAM_NAN_BF16) {
+    for (int h = 0; h < 2; ++h)
+      for (int j = 0; j < G; ++j) v[h][j] = std::numeric_limits<float>::quiet_NaN();
+  } else {
+    const float step = alam_bf16_to_float(meta[0]);
+    const float mean = alam_bf16_to_float(meta[1]);
+    for (int h = 0; h < 2; ++h) {
+      for (int j = 0; j < H; ++j) {
+        const int i = h * H + j;
+        v[h][j] = ((float)((payload[i >> 3] >> (i & 7)) & 1u) - 0.5f) * step;
+      }
+      for (int j = H; j < G; ++j) v[h][j] = 0.0f;
+      fwht_group(v[h]);
+#pragma omp simd
+      for (int j = 0; j < G; ++j) v[h][j] = v[h][j] * (1.0f / (float)G) * sign[j] + mean;
+    }
+  }
+  for (int h = 0; h < 2; ++h) {
+    const int64_t base = first + (int64_t)h * G;
+    for (int j = 0; j < G && base + j < n; ++j) store<DT>(out, base + j, v[h][j]);
+  }
+}
+
+template <int DT>
+void quantize_half(const void* x, int64_t n, uint64_t seed, uint8_t* payload, uint16_t* meta) {
+  const int64_t blocks = (n + 2 * G - 1) / (2 * G);
+  uint32_t k0, k1;
+  alam_seed_keys(seed, &k0, &k1);
+  const Signs signs(k0);
+#pragma omp parallel for schedule(static) if (blocks > 128)
+  for (int64_t b = 0; b < blocks; ++b)
+    quantize_half_block<DT>(x, n, b * 2 * G, signs.s, payload + b * (G / 8), meta + 2 * b);
+}
+
+template <int DT>
+void dequantize_half(const uint8_t* payload, const uint16_t* meta, int64_t n, uint64_t seed,
+                     void* out) {
+  const int64_t blocks = (n + 2 * G - 1) / (2 * G);
+  uint32_t k0, k1;
+  alam_seed_keys(seed, &k0, &k1);
+  const Signs signs(k0);
+#pragma omp parallel for schedule(static) if (blocks > 128)
+  for (int64_t b = 0; b < blocks; ++b)
+    dequantize_half_block<DT>(payload + b * (G / 8), meta + 2 * b, n, b * 2 * G, signs.s, out);
+}
+
 template <template <int, int> class F, typename... Args>
 void dispatch_rotated(int dtype, int bits, Args... args) {
   auto by_bits = [&](auto dt) {
     constexpr int DT = decltype(dt)::value;
     switch (bits) {
+      case 0: F<DT, 0>::run(args...); break;  // h05
       case 1: F<DT, 1>::run(args...); break;
       case 2: F<DT, 2>::run(args...); break;
       case 4: F<DT, 4>::run(args...); break;
@@ -417,14 +534,22 @@ void dispatch_rotated(int dtype, int bits, Args... args) {
 template <int DT, int BITS>
 struct QuantizeRotated {
   static void run(const void* x, int64_t n, uint64_t seed, uint8_t* payload, uint16_t* meta) {
-    quantize_rotated<DT, BITS>(x, n, seed, payload, meta);
+    if constexpr (BITS == 0) {
+      quantize_half<DT>(x, n, seed, payload, meta);
+    } else {
+      quantize_rotated<DT, BITS>(x, n, seed, payload, meta);
+    }
   }
 };
 
 template <int DT, int BITS>
 struct DequantizeRotated {
   static void run(const uint8_t* payload, const uint16_t* meta, int64_t n, uint64_t seed, void* out) {
-    dequantize_rotated<DT, BITS>(payload, meta, n, seed, out);
+    if constexpr (BITS == 0) {
+      dequantize_half<DT>(payload, meta, n, seed, out);
+    } else {
+      dequantize_rotated<DT, BITS>(payload, meta, n, seed, out);
+    }
   }
 };
 

@@ -279,6 +279,126 @@ __global__ void dequantize_rotated_kernel(const uint8_t* payload, const uint16_t
   }
 }
 
+// -- h05: a warp per block of two groups; lane l holds values 4l..4l+3 of each ---------
+// (alam_dist/codec/reference.py, quantize_half). The kept values are rotated values
+// 0..63 of each group: lanes 0..15 of group A, then lanes 0..15 of group B.
+
+// The tree sum of the GROUP kept |values| in the reference's order: lane l < 16 takes its
+// own group-A partial, lane l >= 16 lane (l - 16)'s group-B partial, then the butterfly.
+__device__ __forceinline__ float warp_kept_sum(const float (&a)[kPerLane], const float (&b)[kPerLane],
+                                               int lane) {
+  const float pa = __fadd_rn(__fadd_rn(__fadd_rn(fabsf(a[0]), fabsf(a[1])), fabsf(a[2])), fabsf(a[3]));
+  const float pb = __fadd_rn(__fadd_rn(__fadd_rn(fabsf(b[0]), fabsf(b[1])), fabsf(b[2])), fabsf(b[3]));
+  const float from_b = __shfl_sync(0xFFFFFFFFu, pb, lane & 15);
+  float sum = lane < 16 ? pa : from_b;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) sum = __fadd_rn(sum, __shfl_xor_sync(0xFFFFFFFFu, sum, off));
+  return sum;
+}
+
+__global__ void quantize_half_kernel(const void* x, int dtype, int64_t n, int64_t nblocks,
+                                     uint32_t k0, uint8_t* payload, uint16_t* meta) {
+  const int lane = threadIdx.x & 31;
+  const int64_t blk = (int64_t)blockIdx.x * kGroupsPerBlock + (threadIdx.x >> 5);
+  if (blk >= nblocks) return;  // uniform per warp
+  const int64_t first = blk * 2 * ALAM_GROUP + lane * kPerLane;
+  float a[kPerLane], b[kPerLane];
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    a[k] = first + k < n ? load(x, dtype, first + k) : 0.0f;
+    b[k] = first + ALAM_GROUP + k < n ? load(x, dtype, first + ALAM_GROUP + k) : 0.0f;
+  }
+  const float sum = __fadd_rn(warp_tree_sum(a[0], a[1], a[2], a[3]), warp_tree_sum(b[0], b[1], b[2], b[3]));
+  const uint16_t mean_bits = alam_float_to_bf16_nearest(__fmul_rn(sum, 1.0f / (float)(2 * ALAM_GROUP)));
+  const float mean = alam_bf16_to_float(mean_bits);
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const bool negate = alam_rotation_negate(k0, (uint32_t)(lane * kPerLane + k));
+    const float ca = __fsub_rn(a[k], mean), cb = __fsub_rn(b[k], mean);
+    a[k] = negate ? -ca : ca;
+    b[k] = negate ? -cb : cb;
+  }
+  fwht_warp(a, lane);
+  fwht_warp(b, lane);
+  bool finite = true;
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) finite &= isfinite(a[k]) && isfinite(b[k]);
+  finite = __all_sync(0xFFFFFFFFu, finite);
+  const float kept_sum = warp_kept_sum(a, b, lane);
+  const uint16_t step_bits = alam_rotated_step(0.0f, kept_sum, finite, 1);
+  const bool bad = step_bits == (uint16_t)ALAM_NAN_BF16;
+  if (lane == 0) {
+    meta[2 * blk] = step_bits;
+    meta[2 * blk + 1] = bad ? (uint16_t)ALAM_NAN_BF16 : mean_bits;
+  }
+  const float step = alam_bf16_to_float(step_bits);
+  const float inv = __fdiv_rn(1.0f, step == 0.0f ? 1.0f : step);
+  uint32_t nib_a = 0, nib_b = 0;
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    float ta = __fadd_rn(__fmul_rn(a[k], inv), 1.0f);
+    float tb = __fadd_rn(__fmul_rn(b[k], inv), 1.0f);
+    ta = ta > 0.0f ? ta : 0.0f;
+    ta = ta < 1.0f ? ta : 1.0f;
+    tb = tb > 0.0f ? tb : 0.0f;
+    tb = tb < 1.0f ? tb : 1.0f;
+    if (!bad) {
+      nib_a |= (uint32_t)floorf(ta) << k;
+      nib_b |= (uint32_t)floorf(tb) << k;
+    }
+  }
+  const uint32_t next_a = __shfl_xor_sync(0xFFFFFFFFu, nib_a, 1);
+  const uint32_t next_b = __shfl_xor_sync(0xFFFFFFFFu, nib_b, 1);
+  uint8_t* block_payload = payload + blk * (ALAM_GROUP / 8);
+  if (lane < 16 && (lane & 1) == 0) {
+    block_payload[lane / 2] = (uint8_t)(nib_a | (next_a << 4));
+    block_payload[8 + lane / 2] = (uint8_t)(nib_b | (next_b << 4));
+  }
+}
+
+__global__ void dequantize_half_kernel(const uint8_t* payload, const uint16_t* meta, int64_t n,
+                                       int64_t nblocks, uint32_t k0, int dtype, void* out) {
+  const int lane = threadIdx.x & 31;
+  const int64_t blk = (int64_t)blockIdx.x * kGroupsPerBlock + (threadIdx.x >> 5);
+  if (blk >= nblocks) return;
+  const int64_t first = blk * 2 * ALAM_GROUP + lane * kPerLane;
+  const uint16_t step_bits = meta[2 * blk];
+  if (step_bits == (uint16_t)ALAM_NAN_BF16) {
+    for (int k = 0; k < kPerLane; ++k) {
+      if (first + k < n) store_nan(out, dtype, first + k);
+      if (first + ALAM_GROUP + k < n) store_nan(out, dtype, first + ALAM_GROUP + k);
+    }
+    return;  // uniform per warp: no shuffles follow
+  }
+  const float step = alam_bf16_to_float(step_bits);
+  const float mean = alam_bf16_to_float(meta[2 * blk + 1]);
+  const uint8_t* block_payload = payload + blk * (ALAM_GROUP / 8);
+  float a[kPerLane], b[kPerLane];
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    a[k] = 0.0f;
+    b[k] = 0.0f;
+    if (lane < 16) {
+      const int i = lane * kPerLane + k;
+      const uint32_t qa = (block_payload[i >> 3] >> (i & 7)) & 1u;
+      const uint32_t qb = (block_payload[(64 + i) >> 3] >> ((64 + i) & 7)) & 1u;
+      a[k] = __fmul_rn(__fsub_rn((float)qa, 0.5f), step);
+      b[k] = __fmul_rn(__fsub_rn((float)qb, 0.5f), step);
+    }
+  }
+  fwht_warp(a, lane);
+  fwht_warp(b, lane);
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const bool negate = alam_rotation_negate(k0, (uint32_t)(lane * kPerLane + k));
+    const float ya = __fmul_rn(a[k], 1.0f / (float)ALAM_GROUP);
+    const float yb = __fmul_rn(b[k], 1.0f / (float)ALAM_GROUP);
+    if (first + k < n) store(out, dtype, first + k, __fadd_rn(negate ? -ya : ya, mean));
+    if (first + ALAM_GROUP + k < n)
+      store(out, dtype, first + ALAM_GROUP + k, __fadd_rn(negate ? -yb : yb, mean));
+  }
+}
+
 __global__ void pack_mask_kernel(const uint8_t* x, int64_t n, uint8_t* payload) {
   const int64_t b = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   const int64_t first = b * 8;
@@ -377,10 +497,15 @@ int alam_cuda_quantize_rotated(const void* x, int dtype, int64_t n, int bits, ui
   if (n == 0) return 0;
   DeviceGuard guard(device);
   if (guard.status() != cudaSuccess) return (int)guard.status();
-  const int64_t groups = (n + ALAM_GROUP - 1) / ALAM_GROUP;
   uint32_t k0, k1;
   alam_seed_keys(seed, &k0, &k1);
   cudaStream_t s = (cudaStream_t)stream;
+  if (bits == 0) {  // h05
+    const int64_t nblocks = (n + 2 * ALAM_GROUP - 1) / (2 * ALAM_GROUP);
+    quantize_half_kernel<<<blocks_for(nblocks), kThreads, 0, s>>>(x, dtype, n, nblocks, k0, payload, meta);
+    return (int)cudaGetLastError();
+  }
+  const int64_t groups = (n + ALAM_GROUP - 1) / ALAM_GROUP;
   const int64_t blocks = blocks_for(groups);
   switch (bits) {
     case 1: quantize_rotated_kernel<1><<<blocks, kThreads, 0, s>>>(x, dtype, n, groups, k0, payload, meta); break;
@@ -398,10 +523,15 @@ int alam_cuda_dequantize_rotated(const uint8_t* payload, const uint16_t* meta, i
   if (n == 0) return 0;
   DeviceGuard guard(device);
   if (guard.status() != cudaSuccess) return (int)guard.status();
-  const int64_t groups = (n + ALAM_GROUP - 1) / ALAM_GROUP;
   uint32_t k0, k1;
   alam_seed_keys(seed, &k0, &k1);
   cudaStream_t s = (cudaStream_t)stream;
+  if (bits == 0) {  // h05
+    const int64_t nblocks = (n + 2 * ALAM_GROUP - 1) / (2 * ALAM_GROUP);
+    dequantize_half_kernel<<<blocks_for(nblocks), kThreads, 0, s>>>(payload, meta, n, nblocks, k0, dtype, out);
+    return (int)cudaGetLastError();
+  }
+  const int64_t groups = (n + ALAM_GROUP - 1) / ALAM_GROUP;
   const int64_t blocks = blocks_for(groups);
   switch (bits) {
     case 1: dequantize_rotated_kernel<1><<<blocks, kThreads, 0, s>>>(payload, meta, n, groups, k0, dtype, out); break;
