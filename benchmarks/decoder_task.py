@@ -101,7 +101,8 @@ class DecoderTask:
 
     def pretrained(self) -> Path:
         """The pretrained weights: made once (a few minutes on 2 CPU cores), then cached."""
-        key = hashlib.sha256(json.dumps([CONFIG, self.pretrain_settings, VOCAB], sort_keys=True).encode()).hexdigest()[:12]
+        settings = {k: v for k, v in self.pretrain_settings.items() if v is not None}
+        key = hashlib.sha256(json.dumps([CONFIG, settings, VOCAB], sort_keys=True).encode()).hexdigest()[:12]
         path = self.cache / f"llama-pretrained-{key}.pt"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
