@@ -202,9 +202,10 @@ class ALAMConfig:
     def ladder_for(self, budget: float) -> tuple[float, ...]:
         """The ladder an allocation at ``budget`` steps through: ``ladder``, except that
         with the rotated family's default a budget the sign code can meet (>= its 1.25
-        stored bits) leaves average quantization out -- on the MiniLM fine-tune, budget 2
-        held-out loss +1.5 % / +1.4 % without it against +2.9 % / +2.6 % with it (seeds
-        0 / 1, docs/controller.md)."""
+        stored bits) leaves the 0.5-bit rung out -- on the MiniLM fine-tune, budget 2
+        held-out loss +1.5 % / +1.4 % without it against +2.9 % / +2.6 % with it (then
+        average quantization; seeds 0 / 1), and on the LLaMA decoder +1.2 % without it
+        against +2.0 % with h05 (docs/controller.md)."""
         if self._ladder_default and self.formats == "rotated" \
                 and budget >= REGISTRY["h1"].stored_bits:
             return tuple(b for b in self.ladder if b != 0.5)
