@@ -365,35 +365,37 @@ ALAM_MULTIVERSION void dequantize_rotated_group(const uint8_t* payload, const ui
   }
 }
 
-template <int DT, int BITS>
-void quantize_rotated(const void* x, int64_t n, uint64_t seed, uint8_t* payload, uint16_t* meta) {
-  const int64_t groups = (n + G - 1) / G;
+// Runs f(block index, signs) over the ceil(n / block) blocks of a rotated format, with the
+// seed's sign flips; in parallel beyond 32768 values (256 groups), as every format.
+template <typename F>
+void for_each_rotated_block(int64_t n, int64_t block, uint64_t seed, F f) {
+  const int64_t blocks = (n + block - 1) / block;
   uint32_t k0, k1;
   alam_seed_keys(seed, &k0, &k1);
   const Signs signs(k0);
-#pragma omp parallel for schedule(static) if (groups > 256)
-  for (int64_t g = 0; g < groups; ++g) {
+#pragma omp parallel for schedule(static) if (blocks * block > 256 * G)
+  for (int64_t b = 0; b < blocks; ++b) f(b, signs.s);
+}
+
+template <int DT, int BITS>
+void quantize_rotated(const void* x, int64_t n, uint64_t seed, uint8_t* payload, uint16_t* meta) {
+  for_each_rotated_block(n, G, seed, [&](int64_t g, const float* sign) {
     const int64_t first = g * G;
     const int count = (int)(n - first < G ? n - first : G);
-    quantize_rotated_group<DT, BITS>(x, first, count, signs.s, payload + g * (G * BITS / 8),
+    quantize_rotated_group<DT, BITS>(x, first, count, sign, payload + g * (G * BITS / 8),
                                      meta + 2 * g);
-  }
+  });
 }
 
 template <int DT, int BITS>
 void dequantize_rotated(const uint8_t* payload, const uint16_t* meta, int64_t n, uint64_t seed,
                         void* out) {
-  const int64_t groups = (n + G - 1) / G;
-  uint32_t k0, k1;
-  alam_seed_keys(seed, &k0, &k1);
-  const Signs signs(k0);
-#pragma omp parallel for schedule(static) if (groups > 256)
-  for (int64_t g = 0; g < groups; ++g) {
+  for_each_rotated_block(n, G, seed, [&](int64_t g, const float* sign) {
     const int64_t first = g * G;
     const int count = (int)(n - first < G ? n - first : G);
     dequantize_rotated_group<DT, BITS>(payload + g * (G * BITS / 8), meta + 2 * g, first, count,
-                                       signs.s, out);
-  }
+                                       sign, out);
+  });
 }
 
 // -- h05: the sign code on half of the rotated values (alam_dist/codec/reference.py) ---
@@ -491,25 +493,17 @@ ALAM_MULTIVERSION void dequantize_half_block(const uint8_t* payload, const uint1
 
 template <int DT>
 void quantize_half(const void* x, int64_t n, uint64_t seed, uint8_t* payload, uint16_t* meta) {
-  const int64_t blocks = (n + 2 * G - 1) / (2 * G);
-  uint32_t k0, k1;
-  alam_seed_keys(seed, &k0, &k1);
-  const Signs signs(k0);
-#pragma omp parallel for schedule(static) if (blocks > 128)
-  for (int64_t b = 0; b < blocks; ++b)
-    quantize_half_block<DT>(x, n, b * 2 * G, signs.s, payload + b * (G / 8), meta + 2 * b);
+  for_each_rotated_block(n, 2 * G, seed, [&](int64_t b, const float* sign) {
+    quantize_half_block<DT>(x, n, b * 2 * G, sign, payload + b * (G / 8), meta + 2 * b);
+  });
 }
 
 template <int DT>
 void dequantize_half(const uint8_t* payload, const uint16_t* meta, int64_t n, uint64_t seed,
                      void* out) {
-  const int64_t blocks = (n + 2 * G - 1) / (2 * G);
-  uint32_t k0, k1;
-  alam_seed_keys(seed, &k0, &k1);
-  const Signs signs(k0);
-#pragma omp parallel for schedule(static) if (blocks > 128)
-  for (int64_t b = 0; b < blocks; ++b)
-    dequantize_half_block<DT>(payload + b * (G / 8), meta + 2 * b, n, b * 2 * G, signs.s, out);
+  for_each_rotated_block(n, 2 * G, seed, [&](int64_t b, const float* sign) {
+    dequantize_half_block<DT>(payload + b * (G / 8), meta + 2 * b, n, b * 2 * G, sign, out);
+  });
 }
 
 template <template <int, int> class F, typename... Args>
