@@ -15,6 +15,7 @@ from typing import Any
 
 from alam_dist.codec.backends import BACKENDS
 from alam_dist.codec.formats import AQ_AVG, GROUP, REGISTRY, allowed_bits, family
+from alam_dist.hooks.classify import ROLES
 
 DEFAULT_LADDERS = {"rotated": (32, 8, 4, 2, 1, 0.5), "minmax": (32, 8, 4, 2, 0.5)}
 DEFAULT_FLOORS = {"rotated": {"*Norm:*/*.0": 4, "op:LogSoftmaxBackward0": 8},
@@ -58,8 +59,10 @@ class ALAMConfig:
     aq_average: int = 4
     """Values averaged by average quantization (fixed by the kernel ABI)."""
     min_bits: dict[str, float] | None = None
-    """Floors: fnmatch pattern over "ModuleClass:key" (or "op:<autograd node>" for the op
-    that produced the tensor) -> lowest format allowed; null gives the family's default:
+    """Floors: fnmatch pattern over "ModuleClass:key", "op:<autograd node>" (the op that
+    produced the tensor) or "role:<role>" (what it is to the module that saved it:
+    "role:norm_input", a normalization layer's input, whatever the order of its saves)
+    -> lowest format allowed; null gives the family's default:
     normalization-layer inputs at 4 bits (rotated) or 2 (minmax) -- average quantization's
     bias there, and round-to-nearest 2-bit's, stalled training -- and the loss's
     log-probabilities at 8 bits: judged by size, they were sent to 1 bit and masked-LM
@@ -157,6 +160,11 @@ class ALAMConfig:
                 isinstance(k, str) and v in allowed for k, v in self.min_bits.items()):
             raise ValueError(f"alam.min_bits maps key patterns to formats in {allowed}, "
                              f"got {self.min_bits!r}")
+        for pattern in self.min_bits:
+            if pattern.startswith("role:") and not fnmatch.filter(
+                    [f"role:{r}" for r in ROLES], pattern):
+                raise ValueError(f"alam.min_bits: {pattern!r} names no role; roles are "
+                                 f"{', '.join('role:' + r for r in ROLES)}")
         if self.probe not in ("local", "cheap", "full"):
             raise ValueError(f"alam.probe must be 'local', 'cheap' or 'full', got {self.probe!r}")
         if self.probe_blocks is not None and self.probe != "cheap":
@@ -192,11 +200,12 @@ class ALAMConfig:
                              f"{self.memory_reserve_gb!r}")
 
     # -- schedule ---------------------------------------------------------------------
-    def floor_for(self, key: str, module_type: str, op: str = "") -> float:
+    def floor_for(self, key: str, module_type: str, op: str = "", role: str = "") -> float:
         """Lowest format allowed for a saved tensor (0 when no pattern matches)."""
-        name, op_name = f"{module_type}:{key}", f"op:{op}"
+        names = {"op": f"op:{op}", "role": f"role:{role}"}
+        name = f"{module_type}:{key}"
         return max((b for pat, b in self.min_bits.items()
-                    if fnmatch.fnmatchcase(op_name if pat.startswith("op:") else name, pat)),
+                    if fnmatch.fnmatchcase(names.get(pat.partition(":")[0], name), pat)),
                    default=0.0)
 
     def ladder_for(self, budget: float) -> tuple[float, ...]:

@@ -341,7 +341,8 @@ class Controller:
         plan = allocate(sens, {k: v.numel for k, v in seen.items()},
                         {k: v.raw_bits for k, v in seen.items()}, budget,
                         self.config.ladder_for(budget), self._fingerprint, error_ratio=error_ratio,
-                        floors={k: self.config.floor_for(k, v.module_type, v.op) for k, v in seen.items()},
+                        floors={k: self.config.floor_for(k, v.module_type, v.op, v.role)
+                                for k, v in seen.items()},
                         formats=self.config.formats)
         plan.exact_keys = small
         plan.ops = {k: v.op for k, v in seen.items()}

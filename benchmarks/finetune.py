@@ -241,7 +241,7 @@ def main() -> None:
     ap.add_argument("--out", help="also write the JSON here")
     ap.add_argument("--variant", default=None,
                     help="ALAM rows with an experimental rotated rung (benchmarks/format_variants.py: "
-                         "lm2, unb1), on the reference codec")
+                         "lm2, unb1; rd, rdu: the rate-distortion ceiling), on the reference codec")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.batch, args.eval_batches = 3, 4, 1
@@ -263,8 +263,10 @@ def main() -> None:
     for row in rows:
         for seed in row["seeds"]:
             with (variant(args.variant) if args.variant and row["budget"] is not None
-                  else contextlib.nullcontext()):
+                  else contextlib.nullcontext()) as variant_stats:
                 r = run(row, seed, task, args)
+            if variant_stats:  # the ideal channels count decodes that fell back to the real code
+                r["variant_stats"] = dict(variant_stats)
             results.append(r)
             print(json.dumps(r), flush=True)
     base = {r.get("model", "minilm"): r["held_out"] for r in results

@@ -109,7 +109,8 @@ def test_compile_benchmark_smoke():
 def test_finetune_format_variants_do_what_their_rows_say():
     """benchmarks/format_variants.py (finetune.py --variant): the Lloyd-Max 2-bit rung has
     under half the covering step's error on Gaussian values, the unbiased sign code does
-    not shrink, and both patches are undone on exit."""
+    not shrink, the rate-distortion channels have the bound's error, and every patch is
+    undone on exit."""
     import torch
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from format_variants import variant
@@ -131,3 +132,20 @@ def test_finetune_format_variants_do_what_their_rows_say():
     assert float((sign * x).mean() / (x * x).mean()) < 0.7  # the sign code shrinks...
     assert float((unb1 * x).mean() / (x * x).mean()) == pytest.approx(1.0, abs=0.02)  # ...this not
     assert torch.equal(round_trip(2), covering) and torch.equal(round_trip(1), sign)
+    # the rate-distortion ceiling: error D = var * 2^(-2R) at each rung's stored bits R
+    # (MMSE "rd" shrinks by 1 - 2^(-2R); "rdu" is unbiased with error D / (1 - 2^(-2R)));
+    # rd@1 changes the sign code only, and the bytes stored are the real code's
+    for bits, stored in ((0.5, 0.625), (1, 1.25), (2, 2.25), (4, 4.25)):
+        bound = 2.0 ** (-2 * stored)
+        with variant("rd"):
+            ideal = round_trip(bits)
+        with variant("rdu"):
+            unbiased = round_trip(bits)
+        assert mse(ideal) == pytest.approx(bound, rel=0.05)
+        assert mse(unbiased) == pytest.approx(bound / (1 - bound), rel=0.05)
+        assert float((ideal * x).mean()) == pytest.approx(1 - bound, abs=0.02)
+        assert float((unbiased * x).mean()) == pytest.approx(1.0, abs=0.02)
+    with variant("rd@1"):
+        assert mse(round_trip(1)) < 0.6 * mse(sign) and torch.equal(round_trip(2), covering)
+        packed = codec.encode(x, 1, seed=3, backend="reference", formats="rotated")
+    assert packed.nbytes == codec.encode(x, 1, seed=3, backend="reference", formats="rotated").nbytes

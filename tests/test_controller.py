@@ -395,6 +395,47 @@ def test_floors_match_module_keys_and_producing_ops(llama_and_exact):
         assert any(ctl.plan.bits[k] < 8 for k in logp)
 
 
+def _tiny_bert():
+    from transformers import BertConfig, BertForMaskedLM
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=64)
+    return BertForMaskedLM(cfg)
+
+
+@pytest.mark.parametrize("layout", ["bert", "llama"])
+def test_floors_by_role_reach_every_norm_input_whatever_the_save_order(layout):
+    """"role:norm_input" is the input of every normalization-layer call: nn.LayerNorm (BERT)
+    saves it after its weight (ordinal 1), LLaMA's RMSNorm first, as fp32 (ordinal 0). An
+    ordinal pattern ("*Norm:*/*.0") finds only the latter; the role finds both, and the
+    plan keeps them at the floor while the rest goes lower."""
+    model = _tiny_bert() if layout == "bert" else tiny_llama(seed=3)
+    x = token_batch(2, 32)
+    inputs: dict[str, int] = {}  # norm module name -> numel of its input
+    for name, module in model.named_modules():
+        if "Norm" in type(module).__name__:
+            module.register_forward_pre_hook(
+                lambda m, args, name=name: inputs.__setitem__(name, args[0].numel()))
+    floors = {"role:norm_input": 4, "op:LogSoftmaxBackward0": 8}
+    with Controller(model, config=ALAMConfig(bits=1, min_bits=floors)) as ctl:
+        plan = ctl.probe(_loss_fn(model, x))
+        seen = ctl.policy.seen
+    norm_inputs = {k for k, info in seen.items() if info.role == "norm_input"}
+    # one per normalization layer (each runs once per forward), holding its input
+    assert {k.rpartition("/")[0] for k in norm_inputs} == set(inputs)
+    assert all(seen[k].numel == inputs[k.rpartition("/")[0]] for k in norm_inputs)
+    assert all(plan.bits[k] >= 4 for k in norm_inputs)
+    assert min(plan.bits.values()) < 4
+    ordinal_pattern = {k for k, info in seen.items()
+                       if ALAMConfig(min_bits={"*Norm:*/*.0": 4}).floor_for(k, info.module_type)}
+    if layout == "bert":
+        assert not ordinal_pattern & norm_inputs  # what roles fix
+    else:
+        assert ordinal_pattern == norm_inputs
+    with pytest.raises(ValueError, match="names no role"):
+        ALAMConfig(min_bits={"role:norm_inptu": 4})
+
+
 def test_a_step_calling_several_top_level_modules_is_probed_whole():
     """An encoder call then a head call in one step: the probe keeps the exact copies of
     both (a top-level call once dropped those of the calls before it)."""

@@ -3,7 +3,7 @@ seeds and fingerprints keyed on it. No state: the policy asks, these answer."""
 from __future__ import annotations
 
 import hashlib
-from typing import Callable
+from typing import Callable, Container
 
 import torch
 
@@ -51,6 +51,24 @@ def is_weight(t: torch.Tensor, activation_leaves: dict[int, torch.Tensor],
             break
         fn = nexts[0]
     return any(detect(t) for detect in detectors)
+
+
+ROLES = ("norm_input",)
+
+
+def role(key: str, module_type: str, earlier: Container[str]) -> str:
+    """What a saved activation is to the module that saved it, for floors ("role:<name>")
+    that must not depend on how an op orders its saves: ``"norm_input"`` for the first
+    activation a normalization layer saves in a call (its input: ``nn.LayerNorm`` saves
+    it second, after its weight, so an ordinal pattern misses it; an RMSNorm first, as
+    fp32), ``""`` otherwise. ``earlier``: the keys already seen -- the call's earlier
+    saves are among them, as saves run in order. Once per key, not per step."""
+    if "Norm" not in module_type:
+        return ""
+    frame, _, ordinal = key.rpartition(".")
+    if any(f"{frame}.{i}" in earlier for i in range(int(ordinal))):
+        return ""
+    return "norm_input"
 
 
 def storage_ptr(t: torch.Tensor) -> int:

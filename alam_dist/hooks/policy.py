@@ -27,7 +27,7 @@ from alam_dist.attention import ConsistentAttentionMode
 from alam_dist.codec import PackedTensor
 from alam_dist.hooks import compiled
 from alam_dist.hooks.classify import (FLOATS, WeightDetector, is_weight, key_seed,  # noqa: F401
-                                      model_fingerprint, storage_ptr)
+                                      model_fingerprint, role, storage_ptr)
 from alam_dist.hooks.keys import ModuleKeys
 from alam_dist.hooks.modes import Compress, Mode, Record  # noqa: F401
 
@@ -51,6 +51,7 @@ class TensorInfo:
     dtype: str
     module_type: str = ""
     op: str = ""  # the autograd node that produced it, e.g. "LogSoftmaxBackward0"
+    role: str = ""  # what it is to the module that saved it (alam_dist.hooks.classify.role)
 
 
 @dataclass
@@ -333,8 +334,10 @@ class SavedTensorPolicy:
             bits = t.element_size() * 8
             if info is None or info.numel != t.numel() or info.raw_bits != bits:
                 # once per key, not per step: the inventory only changes with shapes
-                self.seen[key] = TensorInfo(t.numel(), bits, str(t.dtype), self.keys.module_type(),
-                                            type(t.grad_fn).__name__ if t.grad_fn is not None else "")
+                module_type = self.keys.module_type()
+                self.seen[key] = TensorInfo(t.numel(), bits, str(t.dtype), module_type,
+                                            type(t.grad_fn).__name__ if t.grad_fn is not None else "",
+                                            role(key, module_type, self.seen))
         return self.mode.keep(self, key, t, is_mask, raw)
 
     # -- what modes call ------------------------------------------------------------------
