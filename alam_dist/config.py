@@ -18,8 +18,10 @@ from alam_dist.codec.formats import AQ_AVG, GROUP, REGISTRY, allowed_bits, famil
 from alam_dist.hooks.classify import ROLES
 
 DEFAULT_LADDERS = {"rotated": (32, 8, 4, 2, 1, 0.5), "minmax": (32, 8, 4, 2, 0.5)}
-DEFAULT_FLOORS = {"rotated": {"*Norm:*/*.0": 4, "op:LogSoftmaxBackward0": 8},
-                  "minmax": {"*Norm:*/*.0": 2, "op:LogSoftmaxBackward0": 8}}
+# "*Norm:*/*.0": the input of an RMSNorm-style layer (LLaMA's, T5's, nn.RMSNorm: saved
+# first). nn.LayerNorm saves its weight first, so BERT's input is not matched -- measured
+# right (docs/controller.md: "role:norm_input" at 2 bits cost MiniLM's fine-tune).
+DEFAULT_FLOORS = {"*Norm:*/*.0": 2, "op:LogSoftmaxBackward0": 8}
 DEFAULT_LADDER = DEFAULT_LADDERS["rotated"]
 
 
@@ -62,9 +64,9 @@ class ALAMConfig:
     """Floors: fnmatch pattern over "ModuleClass:key", "op:<autograd node>" (the op that
     produced the tensor) or "role:<role>" (what it is to the module that saved it:
     "role:norm_input", a normalization layer's input, whatever the order of its saves)
-    -> lowest format allowed; null gives the family's default:
-    normalization-layer inputs at 4 bits (rotated) or 2 (minmax) -- average quantization's
-    bias there, and round-to-nearest 2-bit's, stalled training -- and the loss's
+    -> lowest format allowed; null gives the default: RMSNorm-style layers' inputs
+    ("*Norm:*/*.0") at 2 bits -- below that, the tiny LLaMA's training stalled (average
+    quantization's bias, and the sign code's) -- and the loss's
     log-probabilities at 8 bits: judged by size, they were sent to 1 bit and masked-LM
     fine-tuning of MiniLM stalled (docs/controller.md). ``{}`` gives the plain ALAM
     allocation."""
@@ -155,7 +157,7 @@ class ALAMConfig:
             raise ValueError(f"alam.aq_average={self.aq_average}: average quantization averages "
                              f"{AQ_AVG} values; remove the key or set it to {AQ_AVG}")
         if self.min_bits is None:
-            self.min_bits = dict(DEFAULT_FLOORS[self.formats])
+            self.min_bits = dict(DEFAULT_FLOORS)
         if not isinstance(self.min_bits, dict) or not all(
                 isinstance(k, str) and v in allowed for k, v in self.min_bits.items()):
             raise ValueError(f"alam.min_bits maps key patterns to formats in {allowed}, "

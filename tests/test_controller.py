@@ -332,9 +332,9 @@ def test_reallocate_replans_from_the_last_probe_without_probing():
         assert ctl.probe_cost.backward_passes == passes and ctl.plan is one
         assert one.average_bits() <= 2.0 + 1e-9 < four.average_bits() <= 4.0 + 1e-9
         assert one.sensitivity == four.sensitivity
-        # the norm-input floor (4 bits for rotated formats) holds at any budget
+        # the norm-input floor (2 bits) holds at any budget
         norm_inputs = [k for k in one.bits if k.endswith("norm/0.0")]
-        assert norm_inputs and all(one.bits[k] >= 4 for k in norm_inputs)
+        assert norm_inputs and all(one.bits[k] >= 2 for k in norm_inputs)
 
 
 def test_default_ladder_leaves_average_quantization_out_where_the_budget_allows():
@@ -382,7 +382,7 @@ def test_format_family_config_and_plans(tmp_path):
 def test_floors_match_module_keys_and_producing_ops(llama_and_exact):
     model, x, _ = llama_and_exact
     cfg = ALAMConfig(bits=1)
-    assert cfg.floor_for("model.norm/0.0", "LlamaRMSNorm") == 4
+    assert cfg.floor_for("model.norm/0.0", "LlamaRMSNorm") == 2
     assert ALAMConfig(formats="seed").floor_for("model.norm/0.0", "LlamaRMSNorm") == 2
     assert cfg.floor_for("<root>/0.0", "LlamaForCausalLM", "LogSoftmaxBackward0") == 8
     assert cfg.floor_for("<root>/0.0", "LlamaForCausalLM", "MulBackward0") == 0
