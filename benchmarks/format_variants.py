@@ -22,6 +22,11 @@ import contextlib
 import torch
 
 from alam_dist.codec import reference as R
+from alam_dist.codec.formats import LADDERS
+
+# kernel bits (what the reference codec's rotated functions take; 0 is h05) -> stored bits
+# per element, metadata included: the registry's, the one source of format sizes
+_STORED_BITS = {f.kernel_bits: f.stored_bits for f in LADDERS["rotated"].values()}
 
 VARIANTS = ("lm2", "unb1", "rd", "rdu")  # rd@B: the ideal channel at kernel bits B only
 _LM2 = (-1.510, -0.4528, 0.4528, 1.510)
@@ -36,8 +41,10 @@ def _meta(step_bits: torch.Tensor, mean_bits: torch.Tensor) -> torch.Tensor:
 def variant(name: str):
     """Within: the reference codec's rotated rungs with ``name``'s change."""
     base, _, only = name.partition("@")
-    if base not in VARIANTS or (only and (base != "rd" or only not in ("0", "1", "2", "4", "8"))):
-        raise ValueError(f"--variant {name!r}; choose one of {VARIANTS}, or rd@B (B: 0 1 2 4 8)")
+    kernel_bits = [str(b) for b in sorted(_STORED_BITS)]
+    if base not in VARIANTS or (only and (base != "rd" or only not in kernel_bits)):
+        raise ValueError(f"--variant {name!r}; choose one of {VARIANTS}, or rd@B "
+                         f"(B: {' '.join(kernel_bits)})")
     if base in ("rd", "rdu"):
         with ideal_channel(unbiased=base == "rdu", only=int(only) if only else None) as stats:
             yield stats
@@ -66,11 +73,19 @@ def variant(name: str):
         r = torch.tensor(_LM2, device=codes.device)[codes.long()] * meta[:, 0].float()[:, None]
         return R.unrotate_groups(r, meta[:, 1].float(), seed).reshape(-1)[:n].to(dtype)
 
-    R.quantize_rotated, R.dequantize_rotated = q, d
+    with _patched(q, d):
+        yield
+
+
+@contextlib.contextmanager
+def _patched(quantize, dequantize):
+    """Within: the reference codec's rotated functions are ``quantize`` / ``dequantize``."""
+    saved = R.quantize_rotated, R.dequantize_rotated
+    R.quantize_rotated, R.dequantize_rotated = quantize, dequantize
     try:
         yield
     finally:
-        R.quantize_rotated, R.dequantize_rotated = quantize, dequantize
+        R.quantize_rotated, R.dequantize_rotated = saved
 
 
 # -- the rate-distortion ceiling --------------------------------------------------------
@@ -89,10 +104,6 @@ def variant(name: str):
 # perfect Gaussian code of the same size. ``rd@B`` makes one rung ideal (kernel bits B;
 # 0 is h05) and leaves the others real: which rung's distance from the bound costs most.
 
-def _stored_bits(kernel_bits: int) -> float:
-    return 0.625 if kernel_bits == 0 else kernel_bits + 0.25
-
-
 @contextlib.contextmanager
 def ideal_channel(unbiased: bool, only: int | None = None):
     import collections
@@ -110,7 +121,7 @@ def ideal_channel(unbiased: bool, only: int | None = None):
         v = v.view(ng, R.GROUP)
         mu = v.mean(dim=1, keepdim=True)
         var = (v - mu).pow(2).mean(dim=1, keepdim=True)
-        shrink = 1.0 - 2.0 ** (-2 * _stored_bits(bits))
+        shrink = 1.0 - 2.0 ** (-2 * _STORED_BITS[bits])
         dist = var * (1.0 - shrink)
         gen = torch.Generator(device=x.device).manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
         z = torch.randn(v.shape, generator=gen, device=x.device)
@@ -132,8 +143,5 @@ def ideal_channel(unbiased: bool, only: int | None = None):
         stats["decoded_ideal"] += 1
         return out.to(dtype)
 
-    R.quantize_rotated, R.dequantize_rotated = q, d
-    try:
+    with _patched(q, d):
         yield stats
-    finally:
-        R.quantize_rotated, R.dequantize_rotated = quantize, dequantize
