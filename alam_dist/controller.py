@@ -35,6 +35,7 @@ from alam_dist.plan import Plan, PlanMismatchError, allocate
 from alam_dist.hooks import compiled as compiled_hooks
 from alam_dist.hooks.compiled import compiled_modules
 from alam_dist.hooks.modes import Compress
+from alam_dist.hooks.classify import KeySeeds
 from alam_dist.hooks.policy import SavedTensorPolicy, key_seed, model_fingerprint
 from alam_dist.memory import MemoryTarget
 from alam_dist.probe import RoundContext, RoundOutcome, run_round
@@ -90,6 +91,7 @@ class Controller:
         self._step_mismatches: dict[str, str] = {}
         self._mismatches = MismatchCheck(self.collective)
         self._plan_mapping: compiled_hooks.PlanMapping | None = None
+        self._seeds: KeySeeds | None = None
         self.clock = StepClock()  # forward_started() / end_step()
         self.memory_target: MemoryTarget | None = None
         if self.config.memory_target_gb is not None:
@@ -172,8 +174,10 @@ class Controller:
         return bits
 
     def _seed_for(self, key: str) -> int:
-        return key_seed(self.config.seed, self.step, self.collective.rank,
-                        self.policy.stats.forwards, key)
+        prefix = (self.config.seed, self.step, self.collective.rank, self.policy.stats.forwards)
+        if self._seeds is None or self._seeds.prefix != prefix:
+            self._seeds = KeySeeds(*prefix)  # once per forward: the prefix hashed once
+        return self._seeds(key)
 
     def _compiled_seed(self, key: str) -> int:
         # drawn by a compiled graph's encode op when it runs, carried to its decode op

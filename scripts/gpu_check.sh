@@ -12,6 +12,8 @@
 #   cuda_tests the CUDA codec tests (bit-identity with the reference, special values)
 #   syncs      host-sync ops and live packed tensors of a compressed step, under CUDA
 #   codec_GBps encode+decode GB/s per format beside clone (the device's copy bandwidth)
+#   hook_us    host microseconds per packed / unpacked tensor besides the kernel launch
+#              (benchmarks/hook_overhead.py, a tiny LLaMA with routed attention)
 #   ds_zero2 / ds_zero3   deepspeed --num_gpus 1 launch/train.py --alam, NCCL, bf16
 #   fsdp       torchrun --nproc_per_node 1 launch/train.py --fsdp --alam, bf16
 #   memory_target  launch/train.py --alam_memory_target_gb on the GPU: the forecast's
@@ -93,6 +95,8 @@ assert sum(counts[True].values()) <= sum(counts[False].values()), counts
 PYEOF
 
 step codec_GBps 40 "$PY" benchmarks/codec.py --sizes 64 --dtypes bf16 --repeats 5 --no-reference
+step hook_us 30 "$PY" benchmarks/hook_overhead.py --device cuda --model llama --blocks 4 \
+  --width 256 --tokens 256 --repeats 10
 
 CFG_DIR=$(mktemp -d)
 for zero in 2 3; do

@@ -224,6 +224,34 @@ def test_empty_and_non_contiguous_inputs(backend):
     assert torch.equal(a.data, b.data) and codec.decode(a, backend=backend).shape == nc.shape
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_cpp),
+                                     pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("formats", ["minmax", "rotated"])
+def test_encoder_is_encode_with_its_choices_made_once(backend, formats):
+    """The hooks' fast path gives encode's PackedTensor byte for byte, and decoding it with
+    the encoder's backend (unvalidated) gives decode's tensor."""
+    device = torch.device("cuda" if backend == "cuda" else "cpu")
+    base = _sample(6 * 129 * 5, torch.float32, seed=3).view(6, 129, 5)
+    inputs = [base[0, :5, 0], base[:3].reshape(3, -1), base, base.transpose(0, 2)]  # odd, 3-D,
+    for bits in [b for b in codec.allowed_bits(formats) if b < 16]:          # non-contiguous
+        encoder = codec.Encoder(bits, formats, backend, device)
+        for dtype in FLOATS:
+            for x in inputs:
+                x = x.to(device=device, dtype=dtype)
+                got = encoder(x, 2**63 + 11)
+                want = codec.encode(x, bits, seed=2**63 + 11, backend=backend, formats=formats)
+                assert (got.format, got.shape, got.dtype, got.seed) == \
+                    (want.format, want.shape, want.dtype, want.seed)
+                assert torch.equal(got.data, want.data) and torch.equal(
+                    _bits_view(got.meta), _bits_view(want.meta)), (bits, dtype, x.shape)
+                assert torch.equal(_bits_view(codec.decode(got, impl=encoder.impl)),
+                                   _bits_view(codec.decode(want, backend=backend)))
+    with pytest.raises(ValueError, match="keeps the tensor"):
+        codec.Encoder(16, formats, backend, device)
+    with pytest.raises(ValueError, match="allowed values"):
+        codec.Encoder(3, formats, backend, device)
+
+
 def test_16_and_32_bit_formats():
     x = _sample(1000, torch.float32)
     p16 = codec.encode(x, 16)

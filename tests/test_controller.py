@@ -217,6 +217,28 @@ def test_uninstall_restores_plain_autograd(llama_and_exact):
     assert torch.equal(flat_grads(_loss_fn(model, x)(), list(model.parameters())), exact)
 
 
+def test_tensor_seeds_hash_seed_step_rank_forward_and_key():
+    """The pack hook's seeds (prefix hashed once per forward) are key_seed's numbers, so
+    runs, resumes and ranks draw the same rounding as before the fast path."""
+    from alam_dist.hooks.classify import KeySeeds, key_seed
+    seeds = KeySeeds(7, 3, 0, 2)
+    for key in ["model.layers.0.self_attn/0.1", "<root>/0.0", "bloc é/1.2"]:
+        assert seeds(key) == key_seed(7, 3, 0, 2, key)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU())
+    ctl = alam_dist.apply(model, ALAMConfig(bits=2, min_numel=16, seed=5))
+    drawn = []
+    ctl.policy.training.seed_for = lambda key: drawn.append(
+        (key, ctl._seed_for(key), ctl.step, ctl.policy.stats.forwards)) or 0
+    for _ in range(3):
+        model(torch.randn(4, 8)).sum().backward()
+        ctl.step_done()
+    assert len(drawn) >= 3 and len({seed for _, seed, _, _ in drawn}) == len(drawn)
+    assert len({step for _, _, step, _ in drawn}) >= 2
+    for key, seed, step, forwards in drawn:
+        assert seed == key_seed(5, step, 0, forwards, key)
+    ctl.uninstall_hook()
+
+
 def test_masks_are_bit_packed_and_weights_skipped_in_cnn():
     model = SmallCNN()
     ctl = alam_dist.apply(model, ALAMConfig(bits=2, min_numel=64))

@@ -40,8 +40,8 @@ from alam_dist.codec.formats import (FAMILIES, REGISTRY, allowed_bits, family, f
                                      normalize_bits)
 from alam_dist.codec.packed import PackedTensor
 
-__all__ = ["ALLOWED_BITS", "FAMILIES", "FORMATS", "ROTATED_ALLOWED_BITS", "PackedTensor",
-           "allowed_bits", "available_backends", "cuda_unusable_reason", "decode", "encode",
+__all__ = ["ALLOWED_BITS", "Encoder", "FAMILIES", "FORMATS", "ROTATED_ALLOWED_BITS",
+           "PackedTensor", "allowed_bits", "available_backends", "cuda_unusable_reason", "decode", "encode",
            "family", "normalize_bits", "validate"]
 
 ALLOWED_BITS = allowed_bits("minmax")
@@ -114,6 +114,38 @@ def encode(x: torch.Tensor, bits: float, *, seed: int = 0, backend: str = "auto"
                         seed=seed if fmt.rotated else 0)
 
 
+class Encoder:
+    """:func:`encode` at one quantized format on one device, its choices made once: the
+    format of (``bits``, ``formats``) and the backend for ``device``. What the
+    saved-tensor hooks call per tensor, where every microsecond of host time counts; the
+    result is the same ``PackedTensor``, byte for byte, as ``encode`` gives.
+
+    It takes what the hooks hand it and checks nothing per call: a float tensor
+    (float32, bfloat16, float16) on ``device``. Anything else goes through ``encode``.
+    """
+
+    __slots__ = ("fmt", "impl", "_torch_ops")
+
+    def __init__(self, bits: float, formats: str, backend: str, device: torch.device):
+        _, fmt = _plan_format(bits, formats)
+        if fmt is None:
+            raise ValueError(f"Encoder is for the quantized formats (bits < 16); bits={bits} "
+                             "keeps the tensor: use encode")
+        self.fmt, self.impl = fmt, backends.resolve(backend, device)
+        self._torch_ops = self.impl is backends.REFERENCE
+
+    def __call__(self, x: torch.Tensor, seed: int) -> PackedTensor:
+        """``encode(x, bits, seed=seed)``; ``seed`` already in [0, 2**64)."""
+        shape = x.shape
+        flat = x.detach().reshape(-1) if self._torch_ops else x  # the kernels read addresses
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        fmt = self.fmt
+        payload, meta = self.impl.quantize(flat, fmt, seed)
+        return PackedTensor(fmt.name, shape, x.dtype, x.device, payload, meta,
+                            seed if fmt.rotated else 0)
+
+
 def _check_buffer(what: str, t, dtype: torch.dtype, numel: int, packed: PackedTensor,
                   contiguous: bool = True) -> None:
     problem = None
@@ -155,21 +187,28 @@ def validate(packed: PackedTensor) -> None:
                          f"{sorted(REGISTRY) + ['bf16', 'mask', 'raw']})")
 
 
-def decode(packed: PackedTensor, *, backend: str = "auto") -> torch.Tensor:
-    """Rebuild a tensor of ``packed``'s shape, dtype and device (contiguous)."""
-    if not isinstance(packed, PackedTensor):
-        raise TypeError(f"decode expects a PackedTensor, got {type(packed).__name__}")
-    validate(packed)
-    name, n = packed.format, packed.numel
+def decode(packed: PackedTensor, *, backend: str = "auto",
+           impl: backends.Backend | None = None) -> torch.Tensor:
+    """Rebuild a tensor of ``packed``'s shape, dtype and device (contiguous).
+
+    ``impl``: a backend already resolved for ``packed``'s device (``Encoder.impl``), for
+    callers decoding only what they encoded themselves -- the buffers are then trusted
+    and not validated again (the saved-tensor hooks, once per tensor per step)."""
+    if impl is None:
+        if not isinstance(packed, PackedTensor):
+            raise TypeError(f"decode expects a PackedTensor, got {type(packed).__name__}")
+        validate(packed)
+    name = packed.format
     if name == "raw":
         return packed.data
     if name == "bf16":
         return packed.data.to(packed.dtype)
-    impl = backends.resolve(backend, packed.device)
+    if impl is None:
+        impl = backends.resolve(backend, packed.device)
     if name == _formats.MASK:
-        out = impl.unpack_mask(packed.data, n)
+        out = impl.unpack_mask(packed.data, packed.numel)
         if packed.dtype == torch.bool:
             out = out.view(torch.bool)
         return out.view(packed.shape)
-    out = impl.dequantize(packed.data, packed.meta, n, REGISTRY[name], packed.seed, packed.dtype)
-    return out.view(packed.shape)
+    return impl.dequantize(packed.data, packed.meta, packed.shape, REGISTRY[name], packed.seed,
+                           packed.dtype)

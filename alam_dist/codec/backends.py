@@ -29,8 +29,9 @@ class Backend:
     def quantize(self, flat: torch.Tensor, fmt: Format, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def dequantize(self, payload: torch.Tensor, meta: torch.Tensor, n: int, fmt: Format,
-                   seed: int, dtype: torch.dtype) -> torch.Tensor:
+    def dequantize(self, payload: torch.Tensor, meta: torch.Tensor, shape: torch.Size,
+                   fmt: Format, seed: int, dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous tensor of ``shape`` (allocated in that shape: no view per call)."""
         raise NotImplementedError
 
     def pack_mask(self, flat: torch.Tensor) -> torch.Tensor:
@@ -49,10 +50,13 @@ class ReferenceBackend(Backend):
             return reference.quantize_rotated(flat, fmt.kernel_bits, seed)
         return reference.quantize(flat, fmt.kernel_bits, seed)
 
-    def dequantize(self, payload, meta, n, fmt, seed, dtype):
+    def dequantize(self, payload, meta, shape, fmt, seed, dtype):
+        n = shape.numel()
         if fmt.rotated:
-            return reference.dequantize_rotated(payload, meta, n, fmt.kernel_bits, seed, dtype)
-        return reference.dequantize(payload, meta, n, fmt.kernel_bits, dtype)
+            out = reference.dequantize_rotated(payload, meta, n, fmt.kernel_bits, seed, dtype)
+        else:
+            out = reference.dequantize(payload, meta, n, fmt.kernel_bits, dtype)
+        return out.view(shape)
 
     def pack_mask(self, flat):
         return reference.pack_mask(flat)
@@ -76,15 +80,17 @@ class NativeBackend(Backend):
 
     def quantize(self, flat, fmt, seed):
         n, device = flat.numel(), flat.device
-        payload = torch.empty(fmt.payload_bytes(n), dtype=torch.uint8, device=device)
-        meta = torch.empty(fmt.num_groups(n), 2, dtype=fmt.meta_dtype, device=device)
+        payload_bytes, groups = fmt.buffer_sizes(n)
+        payload = torch.empty(payload_bytes, dtype=torch.uint8, device=device)
+        meta = torch.empty(groups, 2, dtype=fmt.meta_dtype, device=device)
         kernel = self._m.quantize_rotated if fmt.rotated else self._m.quantize
         kernel(flat.data_ptr(), FLOAT_CODES[flat.dtype], n, fmt.kernel_bits, seed,
                payload.data_ptr(), meta.data_ptr(), *self._target(device))
         return payload, meta
 
-    def dequantize(self, payload, meta, n, fmt, seed, dtype):
-        out = torch.empty(n, dtype=dtype, device=payload.device)
+    def dequantize(self, payload, meta, shape, fmt, seed, dtype):
+        out = torch.empty(shape, dtype=dtype, device=payload.device)
+        n = out.numel()
         if fmt.rotated:
             self._m.dequantize_rotated(payload.data_ptr(), meta.data_ptr(), n, fmt.kernel_bits,
                                        seed, FLOAT_CODES[dtype], out.data_ptr(),

@@ -23,6 +23,7 @@ whatever the plan says (``MASK``).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,11 @@ class Format:
             return self.num_groups(n) * GROUP * max(self.kernel_bits, 1) // 8
         return -(-self.values(n) * (self.kernel_bits or 2) // 8)
 
+    def buffer_sizes(self, n: int) -> tuple[int, int]:
+        """(payload bytes, metadata groups) for ``n`` elements, remembered: asked for
+        every saved tensor of every step, with the same few sizes each time."""
+        return _buffer_sizes(self, n)
+
     def meta_bytes(self, n: int) -> int:
         return self.num_groups(n) * 2 * self.meta_dtype.itemsize
 
@@ -74,6 +80,11 @@ class Format:
         allocator budgets."""
         meta_bits = 2 * self.meta_dtype.itemsize * 8
         return self.bits + meta_bits / (GROUP * self.span)
+
+
+@functools.lru_cache(maxsize=4096)
+def _buffer_sizes(fmt: Format, n: int) -> tuple[int, int]:
+    return fmt.payload_bytes(n), fmt.num_groups(n)
 
 
 AQ = Format("aq", 0.5, 0, False, torch.float32, span=AQ_AVG)

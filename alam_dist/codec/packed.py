@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: built once per saved tensor per step
 class PackedTensor:
     """An encoded tensor. Decode it with :func:`alam_dist.codec.decode`.
 

@@ -41,16 +41,31 @@ def is_weight(t: torch.Tensor, activation_leaves: dict[int, torch.Tensor],
     for _ in range(6):
         if fn is None:
             break
-        if type(fn).__name__ == "AccumulateGrad":
+        kind = _NODE_KINDS.get(type(fn))
+        if kind is None:
+            kind = _NODE_KINDS[type(fn)] = _node_kind(fn)
+        if kind == _ACCUMULATE:
             leaf = fn.variable if activation_leaves else None
             return not (leaf is not None and activation_leaves.get(id(leaf)) is leaf)
-        if fn.name() not in VIEW_OR_CAST:
+        if kind != _VIEW_OR_CAST:  # the usual activation: one dict lookup
             break
         nexts = [f for f, _ in fn.next_functions if f is not None]
         if len(nexts) != 1:
             break
         fn = nexts[0]
-    return any(detect(t) for detect in detectors)
+    return bool(detectors) and any(detect(t) for detect in detectors)
+
+
+_OTHER, _VIEW_OR_CAST, _ACCUMULATE = 0, 1, 2
+_NODE_KINDS: dict[type, int] = {}
+"""Autograd node class -> its kind (each node class has one name): the weight check runs
+for every saved tensor of every step."""
+
+
+def _node_kind(fn) -> int:
+    if type(fn).__name__ == "AccumulateGrad":
+        return _ACCUMULATE
+    return _VIEW_OR_CAST if fn.name() in VIEW_OR_CAST else _OTHER
 
 
 ROLES = ("norm_input",)
@@ -91,3 +106,20 @@ def key_seed(base: int, *parts) -> int:
     """A stable 64-bit seed from a base seed and any parts (never Python's salted hash)."""
     body = "|".join(str(p) for p in (base, *parts)).encode()
     return int.from_bytes(hashlib.blake2b(body, digest_size=8).digest(), "little")
+
+
+class KeySeeds:
+    """``key_seed(base, *parts, key)`` for many keys under one prefix, the prefix hashed
+    once: the same numbers, for half the host time per saved tensor."""
+
+    __slots__ = ("prefix", "_hash")
+
+    def __init__(self, base: int, *parts):
+        self.prefix = (base, *parts)
+        self._hash = hashlib.blake2b("|".join(str(p) for p in self.prefix).encode(),
+                                     digest_size=8)
+
+    def __call__(self, key: str) -> int:
+        h = self._hash.copy()
+        h.update(b"|" + key.encode())
+        return int.from_bytes(h.digest(), "little")

@@ -24,7 +24,7 @@ import torch
 
 from alam_dist import codec
 from alam_dist.attention import ConsistentAttentionMode
-from alam_dist.codec import PackedTensor
+from alam_dist.codec import PackedTensor, backends
 from alam_dist.hooks import compiled
 from alam_dist.hooks.classify import (FLOATS, WeightDetector, is_weight, key_seed,  # noqa: F401
                                       model_fingerprint, role, storage_ptr)
@@ -32,13 +32,16 @@ from alam_dist.hooks.keys import ModuleKeys
 from alam_dist.hooks.modes import Compress, Mode, Record  # noqa: F401
 
 
-@dataclass
 class Saved:
     """What autograd holds instead of a compressed activation."""
 
-    key: str
-    packed: PackedTensor | None = None
-    exact: torch.Tensor | None = None  # record mode (probes) keeps the exact tensor
+    __slots__ = ("key", "packed", "exact", "__weakref__")  # one per saved tensor per step
+
+    def __init__(self, key: str, packed: PackedTensor | None = None,
+                 exact: torch.Tensor | None = None):
+        self.key = key
+        self.packed = packed
+        self.exact = exact  # record mode (probes) keeps the exact tensor
 
     def __repr__(self) -> str:
         return f"Saved({self.key!r}, {self.packed or 'exact'})"
@@ -69,15 +72,32 @@ class StepStats:
     compiled_tensors: int = 0  # of ``tensors``: compressed inside compiled graphs
     per_key_bytes: dict[str, int] = field(default_factory=dict)
     nonfinite_flags: list = field(default_factory=list)
-    """One 0-d tensor per compressed tensor, the sum of its metadata: NaN when a group of
-    it held NaN/inf (its metadata is NaN). Kept on the tensor's device and counted only
-    when reported, so training never waits for a device-to-host copy."""
+    """Per forward (and device), one 0-d tensor: how many of its compressed tensors held
+    NaN/inf (their metadata is NaN). Kept on the device and counted only when reported,
+    so training never waits for a device-to-host copy."""
+    forward_meta: list = field(default_factory=list)
+    """The running forward's metadata tensors, reduced when it ends (:meth:`end_forward`):
+    a few launches per forward instead of one per tensor."""
+
+    def end_forward(self) -> None:
+        """Count the forward's NaN/inf tensors: the norm of a metadata tensor is NaN when
+        a group of it held NaN/inf, and never for finite values (an overflow is inf) --
+        one fused launch for all of them on a GPU (``_foreach_norm``, as
+        ``clip_grad_norm_`` uses)."""
+        metas, self.forward_meta = self.forward_meta, []
+        by_device: dict = {}
+        for meta in metas:
+            by_device.setdefault((meta.device, meta.dtype), []).append(meta)
+        for group in by_device.values():
+            self.nonfinite_flags.append(torch.stack(torch._foreach_norm(group)).isnan().sum())
 
     def nonfinite_tensors(self) -> int:
         """How many compressed tensors held NaN/inf: one device-to-host read."""
+        self.end_forward()  # a forward still open (reported from inside a step)
         if not self.nonfinite_flags:
             return 0
-        return int(torch.stack([f.float() for f in self.nonfinite_flags]).isnan().sum())
+        device = self.nonfinite_flags[0].device
+        return int(torch.stack([f.to(device) for f in self.nonfinite_flags]).sum())
 
 
 class SavedTensorPolicy:
@@ -115,6 +135,9 @@ class SavedTensorPolicy:
                                on_forward_end=self._exit_context,
                                on_recompute=self._recompute, on_compiling=self._compiling)
         self._dedup: dict[tuple, tuple[weakref.ref, weakref.ref | None]] = {}
+        # (bits, device) -> the codec's encoder, resolved once: the pack hook's fast path
+        self._encoders: dict[tuple, codec.Encoder] = {}
+        self._backends: dict[torch.device, backends.Backend] = {}  # device -> decoding backend
         self._recorded: dict[str, torch.Tensor] = {}  # record mode: key -> exact tensor
         self.compiled_forward_seen = False
         """Whether dynamo traced one of the model's forwards (compiled regions exist)."""
@@ -244,6 +267,7 @@ class SavedTensorPolicy:
         # its outputs): each starts here, so the record round's exact copies are not
         # dropped here but by record_forward / release_recorded.
         self._dedup.clear()
+        self.stats.end_forward()  # one left open (a forward that raised)
         self.stats.forwards += 1
         if self.mode.hooks:
             if compiled.compiled_autograd_enabled():
@@ -277,6 +301,7 @@ class SavedTensorPolicy:
         return self.attention == "recompute" and self.mode.routes_attention
 
     def _exit_context(self) -> None:
+        self.stats.end_forward()
         if self._attention_ctx is not None:
             ctx, self._attention_ctx = self._attention_ctx, None
             ctx.__exit__(None, None, None)
@@ -289,32 +314,39 @@ class SavedTensorPolicy:
 
     # -- the hooks ------------------------------------------------------------------------
     def pack(self, t: torch.Tensor):
-        if not self.keys.in_forward:
+        # Runs for every tensor autograd saves in a forward: kept lean (host time per
+        # tensor is what a GPU step pays on top of the kernels; benchmarks/hook_overhead.py).
+        keys = self.keys
+        if not keys.in_forward:
             return t
-        key = self.keys.next_key()
-        is_mask = t.dtype == torch.bool
-        if not is_mask and self.is_weight(t):
-            self.stats.skipped_weights += 1
-            return t
-        kept, total = self.size_share
-        if not is_mask and (t.dtype not in FLOATS or t.numel() * total < self.min_numel * kept):
-            # Kept as is, but still activation memory: counted on both sides of the ratio.
-            self.stats.skipped_other += 1
-            self._count_kept(t.numel() * t.element_size())
-            if t.dtype in FLOATS:  # a plan remembers it: larger batches may cross min_numel
-                self.seen_small.add(key)
-            return _as_is(t)
+        key = keys.next_key()
+        stats = self.stats
+        dtype = t.dtype
+        is_mask = dtype == torch.bool
+        if not is_mask:
+            if is_weight(t, self.activation_leaves, self.weight_detectors):
+                stats.skipped_weights += 1
+                return t
+            kept, total = self.size_share
+            if dtype not in FLOATS or t.numel() * total < self.min_numel * kept:
+                # Kept as is, but still activation memory: counted on both sides of the ratio.
+                stats.skipped_other += 1
+                self._count_kept(t.numel() * t.element_size())
+                if dtype in FLOATS:  # a plan remembers it: larger batches may cross min_numel
+                    self.seen_small.add(key)
+                return _as_is(t)
         # Ops often save a fresh *view* of a shared input (F.linear reshapes 3-D inputs), so
         # identity is checked on the view's base, which stays alive while its users run;
         # a dead base can never match, so a reused address cannot alias another tensor.
-        base = t._base if t._base is not None else t
-        dedup_key = (storage_ptr(t), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
-                     t.dtype, t._version)
+        base = t._base
+        if base is None:
+            base = t
+        dedup_key = (storage_ptr(t), t.storage_offset(), t.shape, t.stride(), dtype, t._version)
         hit = self._dedup.get(dedup_key)
         if hit is not None and hit[0]() is base:
             shared = hit[1]() if hit[1] is not None else None
             if hit[1] is None or shared is not None:
-                self.stats.deduplicated += 1
+                stats.deduplicated += 1
                 return shared if shared is not None else _as_is(t)
         saved = self._pack_new(key, t, is_mask)
         # Weak references only: the graph owns what it saved, and the table must not keep a
@@ -322,20 +354,21 @@ class SavedTensorPolicy:
         # optimizer step, where peak memory often is. A tensor handed back as is is noted
         # without a reference (None).
         self._dedup[dedup_key] = (weakref.ref(base),
-                                  weakref.ref(saved) if isinstance(saved, Saved) else None)
+                                  weakref.ref(saved) if type(saved) is Saved else None)
         return saved
 
     def _pack_new(self, key: str, t: torch.Tensor, is_mask: bool) -> Saved | torch.Tensor:
-        raw = t.numel() * t.element_size()
-        self.stats.tensors += 1
-        self.stats.raw_bytes += raw
+        numel, size = t.numel(), t.element_size()
+        raw = numel * size
+        stats = self.stats
+        stats.tensors += 1
+        stats.raw_bytes += raw
         if not is_mask:
             info = self.seen.get(key)
-            bits = t.element_size() * 8
-            if info is None or info.numel != t.numel() or info.raw_bits != bits:
+            if info is None or info.numel != numel or info.raw_bits != size * 8:
                 # once per key, not per step: the inventory only changes with shapes
                 module_type = self.keys.module_type()
-                self.seen[key] = TensorInfo(t.numel(), bits, str(t.dtype), module_type,
+                self.seen[key] = TensorInfo(numel, size * 8, str(t.dtype), module_type,
                                             type(t.grad_fn).__name__ if t.grad_fn is not None else "",
                                             role(key, module_type, self.seen))
         return self.mode.keep(self, key, t, is_mask, raw)
@@ -343,21 +376,29 @@ class SavedTensorPolicy:
     # -- what modes call ------------------------------------------------------------------
     def encode(self, key: str, t: torch.Tensor, bits: float, seed: int, raw: int) -> Saved:
         """``t`` compressed at ``bits`` (training, and probe forwards' other keys)."""
-        packed = codec.encode(t.detach(), bits, seed=seed, backend=self.backend,
-                              formats=self.formats)
-        if packed.format == "raw":
-            self.stats.exact_bytes += raw
+        if bits < 16:  # quantized: the codec's encoder for (bits, device), resolved once
+            encoder = self._encoders.get((bits, t.device))
+            if encoder is None:
+                encoder = self._encoders[(bits, t.device)] = codec.Encoder(
+                    bits, self.formats, self.backend, t.device)
+            packed = encoder(t, seed)
+        else:
+            packed = codec.encode(t.detach(), bits, seed=seed, backend=self.backend,
+                                  formats=self.formats)
+            if packed.format == "raw":
+                self.stats.exact_bytes += raw
         self._count_packed(key, packed)
-        return Saved(key, packed=packed)
+        return Saved(key, packed)
 
     def _count_packed(self, key: str, packed: PackedTensor) -> None:
-        """An encoded tensor's bytes, and its NaN/inf flag: NaN/inf groups store NaN
-        metadata (docs/codec.md), and a sum of finite values is never NaN -- one
-        reduction per tensor, read only when reported."""
+        """An encoded tensor's bytes, and its metadata for the forward's NaN/inf count
+        (NaN/inf groups store NaN metadata, docs/codec.md; StepStats.end_forward)."""
         if packed.meta is not None:
-            self.stats.nonfinite_flags.append(packed.meta.sum())
-        self.stats.packed_bytes += packed.nbytes
-        self.stats.per_key_bytes[key] = self.stats.per_key_bytes.get(key, 0) + packed.nbytes
+            self.stats.forward_meta.append(packed.meta)
+        nbytes = packed.nbytes
+        self.stats.packed_bytes += nbytes
+        per_key = self.stats.per_key_bytes
+        per_key[key] = per_key.get(key, 0) + nbytes
 
     def record(self, key: str, t: torch.Tensor) -> Saved:
         """An exact copy of ``t`` for probe passes (held by key until released).
@@ -397,7 +438,11 @@ class SavedTensorPolicy:
             if target is not None and target[0] == saved.key:
                 return self.round_trip(saved.exact, target[1], target[2])
             return saved.exact
-        return codec.decode(saved.packed, backend=self.backend)
+        packed = saved.packed
+        impl = self._backends.get(packed.device)
+        if impl is None:
+            impl = self._backends[packed.device] = backends.resolve(self.backend, packed.device)
+        return codec.decode(packed, impl=impl)  # encoded here: trusted, not validated again
 
 
 def _as_is(t: torch.Tensor) -> torch.Tensor:
