@@ -18,17 +18,32 @@ RNG state of q's device before the kernel draws its mask, and the backward recom
 from that state inside ``torch.random.fork_rng`` (as ``torch.utils.checkpoint`` does): the
 same mask, without storing it, and the caller's RNG stream is left as the forward left it.
 
-It is installed by the policy (``attention="recompute"``, the default) as a torch
-function mode active only during a compressed forward: user code keeps calling
-``F.scaled_dot_product_attention`` (as Hugging Face's "sdpa" attention does).
+How calls reach it (``attention="recompute"``, the default): user code keeps calling
+``F.scaled_dot_product_attention`` (as Hugging Face's "sdpa" attention does), and the
+policy opens a :func:`routing` scope around each compressed or probe forward. The first
+time, alam_dist puts :func:`routed_sdpa` in ``torch.nn.functional``'s place: outside a
+scope it calls torch's function unchanged (and under ``torch.compile`` always does);
+inside one it calls :func:`consistent_sdpa`. That costs nothing per torch call -- a
+``TorchFunctionMode`` (:class:`ConsistentAttentionMode`) costs ~2 µs of Python on every
+torch call of the forward. Code that kept the original function object (``from
+torch.nn.functional import scaled_dot_product_attention`` before alam_dist was
+imported) does not see the new attribute: a policy's first routed forward also runs
+under :class:`BypassWatch`, which routes such calls and notes them, and a model that
+made one keeps the mode for its forwards from then on.
 """
 from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-_SDPA = F.scaled_dot_product_attention
+_SDPA = torch._C._nn.scaled_dot_product_attention  # torch's, whatever F's attribute holds
+_SCOPES = [0]  # open routing scopes (any thread: routed or not, the results are the same)
+_CALLING = [0]  # routed_sdpa calls running: their torch-level calls are not bypasses
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:
@@ -131,11 +146,54 @@ def consistent_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, **kwargs):
     return ConsistentAttention.apply(query, key, value, attn_mask, dropout_p, kwargs)
 
 
+@functools.wraps(_SDPA)
+def routed_sdpa(query, key, value, *args, **kwargs):
+    """``F.scaled_dot_product_attention`` once alam_dist routes attention: torch's
+    function, or :func:`consistent_sdpa` inside a :func:`routing` scope. Both give the
+    same output bit for bit; the scope decides what backward keeps."""
+    if torch.compiler.is_compiling() or not _SCOPES[0]:  # compiled models keep torch's
+        return _SDPA(query, key, value, *args, **kwargs)
+    _CALLING[0] += 1
+    try:
+        return consistent_sdpa(query, key, value, *args, **kwargs)
+    finally:
+        _CALLING[0] -= 1
+
+
+@contextlib.contextmanager
+def routing() -> Iterator[None]:
+    """Within: ``F.scaled_dot_product_attention`` calls go to :func:`consistent_sdpa`
+    (the first scope puts :func:`routed_sdpa` in place; it stays, inert outside scopes)."""
+    if F.scaled_dot_product_attention is not routed_sdpa:
+        F.scaled_dot_product_attention = routed_sdpa
+    _SCOPES[0] += 1
+    try:
+        yield
+    finally:
+        _SCOPES[0] -= 1
+
+
 class ConsistentAttentionMode(TorchFunctionMode):
-    """Routes ``F.scaled_dot_product_attention`` calls to :func:`consistent_sdpa`."""
+    """Routes every call of torch's ``scaled_dot_product_attention`` to
+    :func:`consistent_sdpa`, however the caller reached it (at ~2 µs per torch call)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is _SDPA:
-            return consistent_sdpa(*args, **kwargs)
+        if func is _SDPA and not _CALLING[0]:
+            return self.route(args, kwargs)
         return func(*args, **kwargs)
+
+    def route(self, args, kwargs):
+        return consistent_sdpa(*args, **kwargs)
+
+
+class BypassWatch(ConsistentAttentionMode):
+    """The mode for a policy's first routed forward: routes the calls that did not come
+    through :func:`routed_sdpa` (the caller holds torch's function itself), and notes
+    that there were some (``bypassed``)."""
+
+    bypassed = False
+
+    def route(self, args, kwargs):
+        self.bypassed = True
+        return super().route(args, kwargs)

@@ -113,6 +113,45 @@ def test_apply_routes_hf_sdpa_attention_and_saves_only_q_k_v():
     assert "ConsistentAttentionBackward" not in _graph_names(F.scaled_dot_product_attention(q, q, q))
 
 
+def test_routing_needs_no_mode_after_the_first_forward_unless_a_call_bypasses_f():
+    """HF's attention calls F.scaled_dot_product_attention: routed by the attribute, and
+    from the second forward without the TorchFunctionMode that costs every torch call.
+    A module holding torch's function itself is routed too, by the mode it keeps."""
+    from torch.overrides import _get_current_function_mode_stack
+    held_sdpa = torch._C._nn.scaled_dot_product_attention  # as code that imported it early
+
+    class HeldAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 48)
+
+        def forward(self, x):
+            q, k, v = self.proj(x).view(x.shape[0], 1, x.shape[1], 3, 16).unbind(3)
+            return held_sdpa(q, k, v, is_causal=True).sum(1)
+
+    x = token_batch(2, 24)
+    held_x = torch.randn(3, 40, 16)  # 3 sequences: uneven against the LLaMA batch
+    for model, forward, bypass in (
+            (tiny_llama(seed=3), lambda m: m(input_ids=x, labels=x).loss, False),
+            (HeldAttention(), lambda m: m(held_x).square().mean(), True)):
+        ctl = alam_dist.apply(model, ALAMConfig(bits=4, probe="cheap"))
+        ctl.probe(lambda: forward(model))
+        modes = []  # modes active inside the forward (the probe's forward decided)
+        inner = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+        inner.register_forward_pre_hook(
+            lambda m, a: modes.append(len(_get_current_function_mode_stack())))
+        for _ in range(3):
+            loss = forward(model)
+            assert "ConsistentAttentionBackward" in _graph_names(loss)
+            loss.backward()
+            ctl.step_done()
+        assert modes == [int(bypass)] * 3, modes
+        ctl.uninstall_hook()
+    q = torch.randn(1, 2, 5, 4, requires_grad=True)  # outside: torch's kernel, either way
+    assert "ConsistentAttentionBackward" not in _graph_names(F.scaled_dot_product_attention(q, q, q))
+    assert "ConsistentAttentionBackward" not in _graph_names(held_sdpa(q, q, q))
+
+
 def test_gradients_at_8_bits_match_exact():
     model = tiny_llama(seed=4)
     x = token_batch(2, 32)

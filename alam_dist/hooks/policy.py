@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 import torch
 
 from alam_dist import codec
-from alam_dist.attention import ConsistentAttentionMode
+from alam_dist import attention as sdpa_routing
 from alam_dist.codec import PackedTensor, backends
 from alam_dist.hooks import compiled
 from alam_dist.hooks.classify import (FLOATS, WeightDetector, is_weight, key_seed,  # noqa: F401
@@ -150,7 +150,11 @@ class SavedTensorPolicy:
         self.hooks = (compiled.CompiledHooks(self, 0) if compiled.unsupported_reason() is None
                       else None)
         self._hooks_ctx = None
-        self._attention_ctx = None
+        self._attention_ctx: contextlib.ExitStack | None = None
+        # whether this model calls torch's attention other than through
+        # F.scaled_dot_product_attention (None: not known until a routed forward ran)
+        self._attention_bypass: bool | None = None
+        self._bypass_watch: sdpa_routing.BypassWatch | None = None
 
     # -- installation -------------------------------------------------------------------
     def install(self) -> None:
@@ -257,8 +261,7 @@ class SavedTensorPolicy:
         its attention calls must take the path the original forward took, or the
         checkpoint sees different saved tensors."""
         if begins and self._routes_attention() and not self._compiled_model():
-            self._attention_ctx = ConsistentAttentionMode()
-            self._attention_ctx.__enter__()
+            self._route_attention()
         elif not begins:
             self._exit_context()
 
@@ -287,8 +290,20 @@ class SavedTensorPolicy:
                                torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack))
             self._hooks_ctx.__enter__()
             if self._routes_attention() and not compiled_model:
-                self._attention_ctx = ConsistentAttentionMode()
-                self._attention_ctx.__enter__()
+                self._route_attention()
+
+    def _route_attention(self) -> None:
+        """Attention calls of this forward go to alam_dist.attention.consistent_sdpa: by
+        the routed F.scaled_dot_product_attention, free per torch call; plus, until this
+        model's first routed forward has shown whether its calls all come that way, a
+        mode that catches those that do not (and keeps doing so if some did)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(sdpa_routing.routing())
+        if self._attention_bypass is None:
+            self._bypass_watch = stack.enter_context(sdpa_routing.BypassWatch())
+        elif self._attention_bypass:
+            stack.enter_context(sdpa_routing.ConsistentAttentionMode())
+        self._attention_ctx = stack
 
     def _compiled_model(self) -> bool:
         """Whether this forward may run compiled code. Dynamo cannot trace the attention
@@ -305,6 +320,9 @@ class SavedTensorPolicy:
         if self._attention_ctx is not None:
             ctx, self._attention_ctx = self._attention_ctx, None
             ctx.__exit__(None, None, None)
+            if self._bypass_watch is not None:  # decided once, by the first routed forward
+                self._attention_bypass = self._bypass_watch.bypassed
+                self._bypass_watch = None
         if self._hooks_ctx is not None:
             ctx, self._hooks_ctx = self._hooks_ctx, None
             ctx.__exit__(None, None, None)
