@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,7 @@ from torch.overrides import TorchFunctionMode
 _SDPA = torch._C._nn.scaled_dot_product_attention  # torch's, whatever F's attribute holds
 _SCOPES = [0]  # open routing scopes (any thread: routed or not, the results are the same)
 _CALLING = [0]  # routed_sdpa calls running: their torch-level calls are not bypasses
+_STOCK: list = []  # per open scope: f(q, k, v, args, kwargs) -> saves context or None
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:
@@ -67,9 +68,20 @@ def _kernel_choice(q, k, v, attn_mask, dropout_p, kwargs):
     try:
         from torch.nn.attention import SDPBackend
         return SDPBackend(choose(q, k, v, attn_mask, dropout_p, kwargs.get("is_causal", False),
-                                 kwargs.get("scale"), kwargs.get("enable_gqa", False)))
+                                 scale=kwargs.get("scale"),
+                                 enable_gqa=kwargs.get("enable_gqa", False)))
     except (ImportError, TypeError, ValueError, RuntimeError):
         return None
+
+
+def sdpa_arguments(args: tuple, kwargs: dict) -> tuple:
+    """(attn_mask, dropout_p, the other keyword arguments) of a call's arguments after
+    query, key, value (F.scaled_dot_product_attention's signature)."""
+    kwargs = dict(kwargs)
+    names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    for name, value in zip(names, args):
+        kwargs[name] = value
+    return kwargs.pop("attn_mask", None), kwargs.pop("dropout_p", 0.0), kwargs
 
 
 class ConsistentAttention(torch.autograd.Function):
@@ -153,23 +165,33 @@ def routed_sdpa(query, key, value, *args, **kwargs):
     same output bit for bit; the scope decides what backward keeps."""
     if torch.compiler.is_compiling() or not _SCOPES[0]:  # compiled models keep torch's
         return _SDPA(query, key, value, *args, **kwargs)
+    stock = _STOCK[-1](query, key, value, args, kwargs) if _STOCK[-1] is not None else None
     _CALLING[0] += 1
     try:
+        if stock is not None:  # torch's kernel, its saves keyed as the consistent path's
+            with stock:
+                return _SDPA(query, key, value, *args, **kwargs)
         return consistent_sdpa(query, key, value, *args, **kwargs)
     finally:
         _CALLING[0] -= 1
 
 
 @contextlib.contextmanager
-def routing() -> Iterator[None]:
+def routing(stock: Callable | None = None) -> Iterator[None]:
     """Within: ``F.scaled_dot_product_attention`` calls go to :func:`consistent_sdpa`
-    (the first scope puts :func:`routed_sdpa` in place; it stays, inert outside scopes)."""
+    (the first scope puts :func:`routed_sdpa` in place; it stays, inert outside scopes).
+
+    ``stock(query, key, value, args, kwargs)``: asked per call; a context manager it
+    returns runs torch's kernel inside it instead (the saved-tensor policy's, where the
+    plan keeps q and k at 8 bits or more: alam_dist.hooks.stock_attention)."""
     if F.scaled_dot_product_attention is not routed_sdpa:
         F.scaled_dot_product_attention = routed_sdpa
     _SCOPES[0] += 1
+    _STOCK.append(stock)
     try:
         yield
     finally:
+        _STOCK.pop()
         _SCOPES[0] -= 1
 
 

@@ -30,6 +30,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+ATTENTION_PATHS = ("recompute", "recompute_all", "stock")
+
+
 @dataclass(kw_only=True)
 class ALAMConfig:
     enabled: bool = True
@@ -55,7 +58,10 @@ class ALAMConfig:
     attention: str = "recompute"
     """"recompute" (default): F.scaled_dot_product_attention keeps only q, k, v and reruns
     the attention forward in backward, so its probabilities stay consistent with the
-    compressed q, k (docs/controller.md); "stock": the saved tensors of torch's kernel."""
+    compressed q, k (docs/controller.md) -- except calls whose q and k the plan keeps at
+    8 bits or more, which run torch's fused kernel (no rerun; its output and logsumexp
+    kept exact); "recompute_all": the rerun for every call (the least memory);
+    "stock": the saved tensors of torch's kernel."""
     group_size: int = 128
     """Values per quantization group (fixed by the kernel ABI; kept for config clarity)."""
     aq_average: int = 4
@@ -135,8 +141,9 @@ class ALAMConfig:
             self.formats = family(self.formats)  # the old spelling "seed" is "minmax"
         except ValueError as err:
             raise ValueError(f"alam.formats: {err}") from None
-        if self.attention not in ("recompute", "stock"):
-            raise ValueError(f"alam.attention must be 'recompute' or 'stock', got {self.attention!r}")
+        if self.attention not in ATTENTION_PATHS:
+            raise ValueError(f"alam.attention must be one of {ATTENTION_PATHS}, got "
+                             f"{self.attention!r}")
         if self.ladder is None or not hasattr(self, "_ladder_default"):
             # whether the family's default is in use (kept across re-validation): budgets
             # then choose their own ladder (ladder_for)

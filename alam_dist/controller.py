@@ -75,7 +75,8 @@ class Controller:
                                         attention=self.config.attention,
                                         training=Compress(self._bits_for, self._seed_for,
                                                           self._compiled_bits,
-                                                          self._compiled_seed))
+                                                          self._compiled_seed,
+                                                          self._planned_bits))
         self.step = 0
         self.probed_steps: set[int] = set()
         """Steps whose scheduled probe round ran (saved with the plan: a resumed run
@@ -172,6 +173,11 @@ class Controller:
                 warnings.warn(msg, stacklevel=2)
             return 32
         return bits
+
+    def _planned_bits(self, key: str) -> float | None:
+        if self.plan is None:
+            return self._default_bits
+        return self.plan.bits.get(key)
 
     def _seed_for(self, key: str) -> int:
         prefix = (self.config.seed, self.step, self.collective.rank, self.policy.stats.forwards)

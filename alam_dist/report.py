@@ -77,6 +77,7 @@ def stats_report(s: StepStats, count_nonfinite: bool = True) -> dict:
         "skipped_weights": s.skipped_weights,
         "skipped_other": s.skipped_other,
         "forwards": s.forwards,
+        "attention_stock_calls": s.attention_stock,
         "nonfinite_tensors": s.nonfinite_tensors() if count_nonfinite else None,
     }
 

@@ -9,7 +9,7 @@ A stack of 64 small blocks (Linear -> GELU -> LayerNorm) on a few tokens: every 
 tensor is small, so a step's time is mostly per-tensor overhead -- the key, the weight
 check, the seed, the codec call, the statistics. Two measurements:
 
-* the step: forward + backward without ALAM and with ALAM at budget 2 (plan from one
+* the step: forward + backward without ALAM and with ALAM at budget --bits (2; plan from one
   probe round), best of N, and the difference per saved tensor (``us_per_tensor``);
 * the hooks themselves, timed around every call in the compressed steps:
   ``pack_us`` / ``unpack_us`` per *compressed* tensor, ``kernel_pack_us`` /
@@ -150,6 +150,9 @@ def main() -> None:
                          "(--blocks layers, --width hidden, 2 sequences of --tokens), whose "
                          "attention calls are routed (alam_dist.attention)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--bits", type=float, default=2, help="the budget (plan from one probe)")
+    ap.add_argument("--attention", default="recompute",
+                    help="alam.attention: recompute | recompute_all | stock")
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -170,8 +173,10 @@ def main() -> None:
         loss_fn = lambda: model(x).square().mean()  # noqa: E731
         numel = args.tokens * args.width
     plain = step_seconds(loss_fn, args.repeats)
-    ctl = alam_dist.apply(model, alam_dist.ALAMConfig(bits=2, min_numel=256, probe="cheap",
-                                                      formats=args.formats))
+    bits = int(args.bits) if args.bits == int(args.bits) else args.bits
+    ctl = alam_dist.apply(model, alam_dist.ALAMConfig(bits=bits, min_numel=256, probe="cheap",
+                                                      formats=args.formats,
+                                                      attention=args.attention))
     ctl.probe(loss_fn)
     alam = step_seconds(loss_fn, args.repeats, ctl)
     stats = ctl.memory_report(count_nonfinite=False)
@@ -183,7 +188,9 @@ def main() -> None:
         timer.new_step()
     timer.steps.pop()
     timer.restore()
-    row = {"device": str(device), "model": args.model, "blocks": args.blocks, "numel": numel, "formats": args.formats,
+    row = {"device": str(device), "model": args.model, "blocks": args.blocks, "numel": numel,
+           "formats": args.formats, "bits": bits, "attention": args.attention,
+           "attention_stock_calls": stats.get("attention_stock_calls"),
            "saved_tensors": saved, "compressed": stats["tensors"],
            "plain_ms": plain * 1e3, "alam_ms": alam * 1e3,
            "us_per_tensor": (alam - plain) / max(1, saved) * 1e6,

@@ -83,6 +83,18 @@ def test_dropout_attention_replays_the_mask_and_equals_torch_bit_for_bit(mask):
     assert not torch.equal(consistent_sdpa(q, k, v, attn_mask=attn_mask, dropout_p=0.3), other)
 
 
+def test_the_kernel_choice_is_torchs():
+    """What the dropout replay pins and the stock path requires (torch 2.13 takes scale
+    and enable_gqa as keywords only: a positional call always answered None)."""
+    from torch.nn.attention import SDPBackend
+
+    from alam_dist.attention import _kernel_choice
+    q = torch.randn(2, 4, 9, 16)
+    assert _kernel_choice(q, q, q, None, 0.0, {"is_causal": True}) == SDPBackend.FLASH_ATTENTION
+    assert _kernel_choice(q, q[:, :2], q[:, :2], None, 0.0, {"enable_gqa": True}) is not None
+    assert _kernel_choice(q, q, q, None, 0.3, {}) == SDPBackend.MATH  # CPU dropout
+
+
 def test_mode_reroutes_user_calls_and_leaves_others_alone():
     q = torch.randn(1, 2, 5, 4, requires_grad=True)
     with ConsistentAttentionMode():
@@ -152,6 +164,51 @@ def test_routing_needs_no_mode_after_the_first_forward_unless_a_call_bypasses_f(
     assert "ConsistentAttentionBackward" not in _graph_names(held_sdpa(q, q, q))
 
 
+def test_q_k_at_8_bits_take_torchs_kernel_under_the_same_keys():
+    """Where the plan keeps an attention call's q and k at 8 bits or more, torch's fused
+    kernel runs (no attention forward in backward); its q, k, v take the consistent
+    path's keys, so the probe's plan (made on the consistent path) serves the step with
+    no mismatch and every later key of the layer is unchanged. Layers below 8 bits keep
+    the recompute. 3 sequences of 29 tokens, GQA (4 heads, 2 key/value heads)."""
+    model = tiny_llama(seed=4, layers=3)
+    x = token_batch(3, 29)
+    fn = lambda: model(input_ids=x, labels=x).loss  # noqa: E731
+    exact = flat_grads(fn(), list(model.parameters()))
+    ctl = alam_dist.apply(model, ALAMConfig(bits=4, probe="cheap"))
+    ctl.probe(fn)
+    calls = []  # per attention call of a forward: the keys its q, k, v are saved under
+    decide = ctl.policy._stock_attention
+    ctl.policy._stock_attention = lambda *a: calls.append(ctl.policy.keys.peek(3)) or decide(*a)
+
+    def step(q_k_bits):
+        for keys, bits in zip(calls[:3] or [[]] * 3, q_k_bits):
+            for key in keys[:2]:
+                ctl.plan.bits[key] = bits
+        calls.clear()
+        loss = fn()
+        names = _graph_names(loss)
+        grads = flat_grads(loss, list(model.parameters()))
+        keys = set(ctl.policy.stats.per_key_bytes)
+        stock = ctl.policy.stats.attention_stock
+        ctl.step_done()
+        return names, grads, keys, stock
+
+    step([2, 2, 2])  # learns the keys
+    names, _, consistent_keys, stock = step([2, 2, 2])
+    assert stock == 0 and "ConsistentAttentionBackward" in names and len(calls) == 3
+    names, _, mixed_keys, stock = step([8, 32, 2])  # layers 0 and 1 stock, layer 2 not
+    assert stock == 2 and "ConsistentAttentionBackward" in names
+    assert any("FlashAttention" in n for n in names), names
+    assert mixed_keys == consistent_keys  # the same saves under the same keys
+    names, grads, stock_keys, stock = step([8, 8, 8])
+    assert stock == 3 and "ConsistentAttentionBackward" not in names
+    assert stock_keys == consistent_keys
+    for key in calls[0][:3]:  # q, k, v compressed as planned (v at its 4-bit-budget bits)
+        assert ctl.plan.bits[key] < 32 and key in stock_keys
+    assert cosine(exact, grads) > 0.98  # the rest of the model still at a 4-bit budget
+    ctl.uninstall_hook()
+
+
 def test_gradients_at_8_bits_match_exact():
     model = tiny_llama(seed=4)
     x = token_batch(2, 32)
@@ -192,12 +249,15 @@ def test_compressed_query_key_stay_consistent():
     assert results["recompute"] > 0.93  # measured 0.955 (stock: 0.850)
 
 
-def test_autocast_and_checkpointing_take_the_same_path():
+# 8 bits in fp32: q and k would take torch's kernel, but not inside a checkpoint, whose
+# recompute must see the saves the forward made
+@pytest.mark.parametrize("bits, autocast", [(2, True), (8, False)])
+def test_autocast_and_checkpointing_take_the_same_path(bits, autocast):
     model = tiny_llama(seed=6)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     x = token_batch(2, 16)
-    ctl = alam_dist.apply(model, ALAMConfig(bits=2))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    ctl = alam_dist.apply(model, ALAMConfig(bits=bits))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss = model(input_ids=x, labels=x).loss
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]

@@ -73,6 +73,17 @@ class ModuleKeys:
         frame[2] += 1
         return key
 
+    def peek(self, count: int) -> list[str]:
+        """The keys of the next ``count`` saves in the running module call (not taken)."""
+        name, call, ordinal = self._stack[-1]
+        return [f"{name or '<root>'}/{call}.{ordinal + i}" for i in range(count)]
+
+    def skip(self, count: int) -> None:
+        """Take the next ``count`` ordinals of the running call without saves: a call that
+        saved its tensors under keys of its own (alam_dist.hooks.stock_attention) leaves
+        the ordinals after it as the call it stands in for would."""
+        self._stack[-1][2] += count
+
     def module_type(self) -> str:
         """The class name of the running module."""
         return self._types.get(self._stack[-1][0], "")

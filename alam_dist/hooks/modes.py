@@ -43,6 +43,9 @@ class Compress(Mode):
     """Bits of a compiled graph's saved value: (path of the module using it, relative to
     the compiled module; graph key; producing op) -> bits (alam_dist.hooks.compiled)."""
     compiled_seed_for: Callable[[str], int] = lambda key: 0
+    planned_bits: Callable[[str], float | None] = lambda key: None
+    """The plan's bits for a key, None where it has none (asked ahead of a save, without
+    the mismatch handling of ``bits_for``: alam_dist.hooks.stock_attention)."""
     name = "compress"
     routes_attention = True
 

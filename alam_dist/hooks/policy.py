@@ -25,7 +25,7 @@ import torch
 from alam_dist import codec
 from alam_dist import attention as sdpa_routing
 from alam_dist.codec import PackedTensor, backends
-from alam_dist.hooks import compiled
+from alam_dist.hooks import compiled, stock_attention
 from alam_dist.hooks.classify import (FLOATS, WeightDetector, is_weight, key_seed,  # noqa: F401
                                       model_fingerprint, role, storage_ptr)
 from alam_dist.hooks.keys import ModuleKeys
@@ -70,6 +70,7 @@ class StepStats:
     skipped_other: int = 0
     forwards: int = 0
     compiled_tensors: int = 0  # of ``tensors``: compressed inside compiled graphs
+    attention_stock: int = 0  # attention calls run by torch's kernel (q, k at >= 8 bits)
     per_key_bytes: dict[str, int] = field(default_factory=dict)
     nonfinite_flags: list = field(default_factory=list)
     """Per forward (and device), one 0-d tensor: how many of its compressed tensors held
@@ -155,6 +156,9 @@ class SavedTensorPolicy:
         # F.scaled_dot_product_attention (None: not known until a routed forward ran)
         self._attention_bypass: bool | None = None
         self._bypass_watch: sdpa_routing.BypassWatch | None = None
+        # attention calls (by their query's key) where torch's kernel saved more than its
+        # output and logsumexp: the rerun path for them (alam_dist.hooks.stock_attention)
+        self.stock_refused: set[str] = set()
 
     # -- installation -------------------------------------------------------------------
     def install(self) -> None:
@@ -298,12 +302,16 @@ class SavedTensorPolicy:
         model's first routed forward has shown whether its calls all come that way, a
         mode that catches those that do not (and keeps doing so if some did)."""
         stack = contextlib.ExitStack()
-        stack.enter_context(sdpa_routing.routing())
+        stack.enter_context(sdpa_routing.routing(
+            stock=self._stock_attention if self.attention == "recompute" else None))
         if self._attention_bypass is None:
             self._bypass_watch = stack.enter_context(sdpa_routing.BypassWatch())
         elif self._attention_bypass:
             stack.enter_context(sdpa_routing.ConsistentAttentionMode())
         self._attention_ctx = stack
+
+    def _stock_attention(self, query, key, value, args, kwargs):
+        return stock_attention.stock_saves(self, query, key, value, args, kwargs)
 
     def _compiled_model(self) -> bool:
         """Whether this forward may run compiled code. Dynamo cannot trace the attention
@@ -313,7 +321,7 @@ class SavedTensorPolicy:
                 or bool(compiled.compiled_modules(self.model)))
 
     def _routes_attention(self) -> bool:
-        return self.attention == "recompute" and self.mode.routes_attention
+        return self.attention.startswith("recompute") and self.mode.routes_attention
 
     def _exit_context(self) -> None:
         self.stats.end_forward()
@@ -337,7 +345,11 @@ class SavedTensorPolicy:
         keys = self.keys
         if not keys.in_forward:
             return t
-        key = keys.next_key()
+        return self.pack_as(keys.next_key(), t)
+
+    def pack_as(self, key: str, t: torch.Tensor):
+        """What the pack hook does with ``t`` saved under ``key`` (also for callers that
+        key their own saves: alam_dist.hooks.stock_attention)."""
         stats = self.stats
         dtype = t.dtype
         is_mask = dtype == torch.bool
