@@ -4,6 +4,8 @@
     python benchmarks/hook_overhead.py --width 16 --tokens 64   # tiny tensors: host cost
     python benchmarks/hook_overhead.py --model llama --blocks 4 --width 64 --tokens 128
                                                   # a tiny LLaMA: attention routed too
+    python benchmarks/hook_overhead.py --model llama --width 128 --tokens 512 --bits 8 \
+        --ladder 32 8 --attention recompute_all   # against the default: torch's kernel
 
 A stack of 64 small blocks (Linear -> GELU -> LayerNorm) on a few tokens: every saved
 tensor is small, so a step's time is mostly per-tensor overhead -- the key, the weight
@@ -151,6 +153,9 @@ def main() -> None:
                          "attention calls are routed (alam_dist.attention)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bits", type=float, default=2, help="the budget (plan from one probe)")
+    ap.add_argument("--ladder", type=float, nargs="+", default=None,
+                    help="alam.ladder (e.g. 32 8: q and k at 8 bits or exact, where "
+                         "--attention recompute runs torch's kernel)")
     ap.add_argument("--attention", default="recompute",
                     help="alam.attention: recompute | recompute_all | stock")
     args = ap.parse_args()
@@ -176,7 +181,8 @@ def main() -> None:
     bits = int(args.bits) if args.bits == int(args.bits) else args.bits
     ctl = alam_dist.apply(model, alam_dist.ALAMConfig(bits=bits, min_numel=256, probe="cheap",
                                                       formats=args.formats,
-                                                      attention=args.attention))
+                                                      attention=args.attention,
+                                                      ladder=args.ladder))
     ctl.probe(loss_fn)
     alam = step_seconds(loss_fn, args.repeats, ctl)
     stats = ctl.memory_report(count_nonfinite=False)
@@ -191,6 +197,7 @@ def main() -> None:
     row = {"device": str(device), "model": args.model, "blocks": args.blocks, "numel": numel,
            "formats": args.formats, "bits": bits, "attention": args.attention,
            "attention_stock_calls": stats.get("attention_stock_calls"),
+           "packed_mib": stats["saved_bytes_packed"] / 2**20,
            "saved_tensors": saved, "compressed": stats["tensors"],
            "plain_ms": plain * 1e3, "alam_ms": alam * 1e3,
            "us_per_tensor": (alam - plain) / max(1, saved) * 1e6,
