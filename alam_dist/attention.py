@@ -20,21 +20,21 @@ same mask, without storing it, and the caller's RNG stream is left as the forwar
 
 How calls reach it (``attention="recompute"``, the default): user code keeps calling
 ``F.scaled_dot_product_attention`` (as Hugging Face's "sdpa" attention does), and the
-policy opens a :func:`routing` scope around each compressed or probe forward. The first
-time, alam_dist puts :func:`routed_sdpa` in ``torch.nn.functional``'s place: outside a
-scope it calls torch's function unchanged (and under ``torch.compile`` always does);
-inside one it calls :func:`consistent_sdpa`. That costs nothing per torch call -- a
-``TorchFunctionMode`` (:class:`ConsistentAttentionMode`) costs ~2 µs of Python on every
-torch call of the forward. Code that kept the original function object (``from
-torch.nn.functional import scaled_dot_product_attention`` before alam_dist was
-imported) does not see the new attribute: a policy's first routed forward also runs
-under :class:`BypassWatch`, which routes such calls and notes them, and a model that
-made one keeps the mode for its forwards from then on.
+policy opens a :func:`routing` scope around each compressed or probe forward. For the
+scope, :func:`routed_sdpa` takes ``torch.nn.functional``'s attribute (put back when the
+scope ends: outside compressed forwards ``F`` is torch's own); it calls
+:func:`consistent_sdpa`, or torch's function under ``torch.compile``. That costs nothing
+per torch call -- a ``TorchFunctionMode`` (:class:`ConsistentAttentionMode`) costs ~2 µs
+of Python on every torch call of the forward. Calls that do not go through the attribute
+(code holding torch's function object, e.g. ``from torch.nn.functional import
+scaled_dot_product_attention``) are found by :class:`BypassWatch`, a mode the policy runs
+in the first forward of each top-level module and in probe forwards; a model that made
+one keeps the mode from then on, as does a forward that finds another library's
+function in ``F``'s place (its wrapper keeps working, the mode routes what reaches torch).
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Callable, Iterator
 
 import torch
@@ -42,9 +42,22 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 _SDPA = torch._C._nn.scaled_dot_product_attention  # torch's, whatever F's attribute holds
-_SCOPES = [0]  # open routing scopes (any thread: routed or not, the results are the same)
 _CALLING = [0]  # routed_sdpa calls running: their torch-level calls are not bypasses
-_STOCK: list = []  # per open scope: f(q, k, v, args, kwargs) -> saves context or None
+
+
+class _Scope:
+    """One open routing scope (compared by identity)."""
+
+    __slots__ = ("stock",)
+
+    def __init__(self, stock):
+        self.stock = stock
+
+
+_SCOPES: list[_Scope] = []
+"""Open routing scopes, innermost last. Process-wide, like F's attribute: a call from
+another thread during a scope is routed too (same output; its saves are not ALAM's, as
+the scope's stock callback answers only for its own policy's forward)."""
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:
@@ -67,9 +80,9 @@ def _kernel_choice(q, k, v, attn_mask, dropout_p, kwargs):
     choose = getattr(torch, "_fused_sdp_choice", None)
     try:
         from torch.nn.attention import SDPBackend
+        extra = {"enable_gqa": True} if kwargs.get("enable_gqa") else {}  # torch < 2.5: none
         return SDPBackend(choose(q, k, v, attn_mask, dropout_p, kwargs.get("is_causal", False),
-                                 scale=kwargs.get("scale"),
-                                 enable_gqa=kwargs.get("enable_gqa", False)))
+                                 scale=kwargs.get("scale"), **extra))
     except (ImportError, TypeError, ValueError, RuntimeError):
         return None
 
@@ -139,60 +152,80 @@ class _replayed_rng:
             _set_rng_state(self.device, self.saved)
 
 
-def consistent_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, **kwargs):
-    """Drop-in for ``F.scaled_dot_product_attention`` (same arguments and result; with
-    dropout, the same mask for the same RNG state)."""
+def autocast_inputs(query, key, value, attn_mask):
+    """(q, k, v, mask, autocast device type or None): autocast's cast done here, where
+    autograd sees it -- backward reruns the kernel outside autocast and needs inputs of
+    one dtype (and the narrower copies are what is saved)."""
+    device_type = query.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return query, key, value, attn_mask, None
+    dtype = torch.get_autocast_dtype(device_type)
+    query, key, value = (t.to(dtype) if t.is_floating_point() else t
+                         for t in (query, key, value))
+    if isinstance(attn_mask, torch.Tensor) and attn_mask.is_floating_point():
+        attn_mask = attn_mask.to(dtype)
+    return query, key, value, attn_mask, device_type
+
+
+def consistent_sdpa(query, key, value, *args, **kwargs):
+    """Drop-in for ``F.scaled_dot_product_attention`` (same arguments, positional or
+    not, and result; with dropout, the same mask for the same RNG state)."""
+    attn_mask, dropout_p, kwargs = sdpa_arguments(args, kwargs)
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (query, key, value)):
         return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, **kwargs)
-    device_type = query.device.type
-    if torch.is_autocast_enabled(device_type):
-        # Do autocast's cast here, where autograd sees it: backward reruns the kernel
-        # outside autocast and needs inputs of one dtype (and saves the narrower copies).
-        dtype = torch.get_autocast_dtype(device_type)
-        query, key, value = (t.to(dtype) if t.is_floating_point() else t
-                             for t in (query, key, value))
-        if isinstance(attn_mask, torch.Tensor) and attn_mask.is_floating_point():
-            attn_mask = attn_mask.to(dtype)
-        with torch.autocast(device_type, enabled=False):
-            return ConsistentAttention.apply(query, key, value, attn_mask, dropout_p, kwargs)
-    return ConsistentAttention.apply(query, key, value, attn_mask, dropout_p, kwargs)
+    query, key, value, attn_mask, autocast = autocast_inputs(query, key, value, attn_mask)
+    with torch.autocast(autocast, enabled=False) if autocast else contextlib.nullcontext():
+        return ConsistentAttention.apply(query, key, value, attn_mask, dropout_p, kwargs)
 
 
-@functools.wraps(_SDPA)
 def routed_sdpa(query, key, value, *args, **kwargs):
-    """``F.scaled_dot_product_attention`` once alam_dist routes attention: torch's
-    function, or :func:`consistent_sdpa` inside a :func:`routing` scope. Both give the
-    same output bit for bit; the scope decides what backward keeps."""
-    if torch.compiler.is_compiling() or not _SCOPES[0]:  # compiled models keep torch's
+    """``F.scaled_dot_product_attention`` during a :func:`routing` scope: the scope's
+    choice for this call (torch's kernel under saves keyed as the consistent path's, or
+    :func:`consistent_sdpa`); torch's function under ``torch.compile`` and outside
+    scopes. Every path gives torch's output; the choice is what backward keeps."""
+    if torch.compiler.is_compiling() or not _SCOPES:  # compiled models keep torch's
         return _SDPA(query, key, value, *args, **kwargs)
-    stock = _STOCK[-1](query, key, value, args, kwargs) if _STOCK[-1] is not None else None
+    stock = _SCOPES[-1].stock
     _CALLING[0] += 1
     try:
-        if stock is not None:  # torch's kernel, its saves keyed as the consistent path's
-            with stock:
-                return _SDPA(query, key, value, *args, **kwargs)
+        if stock is not None:
+            attn_mask, dropout_p, rest = sdpa_arguments(args, kwargs)
+            q, k, v, mask, autocast = autocast_inputs(query, key, value, attn_mask)
+            saves = stock(q, k, v, mask, dropout_p, rest)
+            if saves is not None:  # torch's kernel, its saves keyed as the rerun path's
+                with saves, (torch.autocast(autocast, enabled=False) if autocast
+                             else contextlib.nullcontext()):
+                    return _SDPA(q, k, v, attn_mask=mask, dropout_p=dropout_p, **rest)
         return consistent_sdpa(query, key, value, *args, **kwargs)
     finally:
         _CALLING[0] -= 1
 
 
 @contextlib.contextmanager
-def routing(stock: Callable | None = None) -> Iterator[None]:
-    """Within: ``F.scaled_dot_product_attention`` calls go to :func:`consistent_sdpa`
-    (the first scope puts :func:`routed_sdpa` in place; it stays, inert outside scopes).
+def routing(stock: Callable | None = None) -> Iterator[bool]:
+    """Within: ``F.scaled_dot_product_attention`` is :func:`routed_sdpa` (torch's own is
+    put back at the end). Yields whether calls through ``F`` are routed that way: False
+    when another library's function holds ``F``'s place (left there; the caller routes
+    with :class:`ConsistentAttentionMode` instead).
 
-    ``stock(query, key, value, args, kwargs)``: asked per call; a context manager it
-    returns runs torch's kernel inside it instead (the saved-tensor policy's, where the
-    plan keeps q and k at 8 bits or more: alam_dist.hooks.stock_attention)."""
-    if F.scaled_dot_product_attention is not routed_sdpa:
+    ``stock(q, k, v, attn_mask, dropout_p, other_kwargs)``: asked per call; a context
+    manager it returns runs torch's kernel inside it instead (the saved-tensor policy's,
+    where the plan keeps q and k at 8 bits or more: alam_dist.hooks.stock_attention)."""
+    current = F.scaled_dot_product_attention
+    patched = current is _SDPA
+    if patched:
         F.scaled_dot_product_attention = routed_sdpa
-    _SCOPES[0] += 1
-    _STOCK.append(stock)
+    scope = _Scope(stock)
+    _SCOPES.append(scope)
     try:
-        yield
+        yield patched or current is routed_sdpa
     finally:
-        _STOCK.pop()
-        _SCOPES[0] -= 1
+        for i in range(len(_SCOPES) - 1, -1, -1):  # by identity: scopes may close unordered
+            if _SCOPES[i] is scope:
+                del _SCOPES[i]
+                break
+        if patched and F.scaled_dot_product_attention is routed_sdpa:
+            F.scaled_dot_product_attention = _SDPA
 
 
 class ConsistentAttentionMode(TorchFunctionMode):
@@ -210,9 +243,9 @@ class ConsistentAttentionMode(TorchFunctionMode):
 
 
 class BypassWatch(ConsistentAttentionMode):
-    """The mode for a policy's first routed forward: routes the calls that did not come
-    through :func:`routed_sdpa` (the caller holds torch's function itself), and notes
-    that there were some (``bypassed``)."""
+    """The mode for forwards whose calls are not known yet to come through ``F``: routes
+    those that did not come through :func:`routed_sdpa` (the caller holds torch's
+    function itself), and notes that there were some (``bypassed``)."""
 
     bypassed = False
 

@@ -96,6 +96,8 @@ class Controller:
         self.clock = StepClock()  # forward_started() / end_step()
         self.memory_target: MemoryTarget | None = None
         if self.config.memory_target_gb is not None:
+            # the forecast counts q, k, v at their bits, not torch's kernel's exact output
+            self.policy.stock_kernel = False
             self.memory_target = MemoryTarget(self.config.memory_target_gb,
                                               self.config.memory_reserve_gb, self.collective,
                                               _model_device(model))

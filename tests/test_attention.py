@@ -158,10 +158,58 @@ def test_routing_needs_no_mode_after_the_first_forward_unless_a_call_bypasses_f(
             loss.backward()
             ctl.step_done()
         assert modes == [int(bypass)] * 3, modes
+        assert F.scaled_dot_product_attention is held_sdpa  # torch's own between forwards
         ctl.uninstall_hook()
-    q = torch.randn(1, 2, 5, 4, requires_grad=True)  # outside: torch's kernel, either way
-    assert "ConsistentAttentionBackward" not in _graph_names(F.scaled_dot_product_attention(q, q, q))
-    assert "ConsistentAttentionBackward" not in _graph_names(held_sdpa(q, q, q))
+
+
+class _ThroughF(torch.nn.Module):
+    """Attention through F's attribute, as Hugging Face calls it."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        q, k, v = self.proj(x).view(x.shape[0], 1, x.shape[1], 3, 16).unbind(3)
+        return F.scaled_dot_product_attention(q, k, v).flatten(1, 2)
+
+
+class _Held(_ThroughF):
+    """Attention through torch's function object, held since import."""
+
+    sdpa = staticmethod(torch._C._nn.scaled_dot_product_attention)
+
+    def forward(self, x):
+        q, k, v = self.proj(x).view(x.shape[0], 1, x.shape[1], 3, 16).unbind(3)
+        return self.sdpa(q, k, v).flatten(1, 2)
+
+
+def test_each_top_level_module_is_watched_and_f_is_torchs_outside_forwards():
+    """A step that calls an encoder (through F) and then a head holding torch's function:
+    the head's first forward is watched too, so its attention stays routed in every
+    step. nn.TransformerEncoderLayer (positional is_causal) is routed. A forward that
+    raises leaves F as torch's own and no scope open."""
+    from alam_dist import attention
+    torch.manual_seed(0)
+    holder = torch.nn.ModuleDict({
+        "enc": _ThroughF(), "head": _Held(),
+        "layer": torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)})
+    ctl = alam_dist.apply(holder, ALAMConfig(bits=2, min_numel=16, probe_steps=[]))  # no probe
+    x = torch.randn(3, 11, 16)
+    for step in range(3):
+        h = holder["enc"](x)
+        head_in = torch.randn(3, 11, 16, requires_grad=True)  # its own graph
+        out = holder["head"](head_in)
+        layer_out = holder["layer"](h.detach().requires_grad_())
+        for t in (h, out, layer_out):
+            assert "ConsistentAttentionBackward" in _graph_names(t), step
+        (h.mean() + out.square().mean() + layer_out.mean()).backward()
+        ctl.step_done()
+    with pytest.raises(RuntimeError):
+        holder["enc"](torch.randn(3, 11, 5))  # a bad input: the forward raises
+    assert F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
+    assert not attention._SCOPES
+    ctl.uninstall_hook()
 
 
 def test_q_k_at_8_bits_take_torchs_kernel_under_the_same_keys():
@@ -206,6 +254,45 @@ def test_q_k_at_8_bits_take_torchs_kernel_under_the_same_keys():
     for key in calls[0][:3]:  # q, k, v compressed as planned (v at its 4-bit-budget bits)
         assert ctl.plan.bits[key] < 32 and key in stock_keys
     assert cosine(exact, grads) > 0.98  # the rest of the model still at a 4-bit budget
+    assert not ctl.policy.stock_refused
+    ctl.uninstall_hook()
+
+
+def test_torchs_kernel_under_autocast_and_not_with_a_bool_mask():
+    """Under autocast the cast is done before the kernel (its saves are the bf16 q, k, v,
+    packed under their keys: nothing refused); a bool mask keeps the rerun path (the
+    kernel would save a float copy of it)."""
+    model = tiny_llama(seed=5, layers=2)
+    x = token_batch(2, 21)
+    ctl = alam_dist.apply(model, ALAMConfig(bits=8, ladder=[32, 8], probe="cheap"))
+
+    def fn():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(input_ids=x, labels=x).loss
+
+    ctl.probe(fn)
+    for _ in range(2):
+        fn().backward()
+        assert ctl.policy.stats.attention_stock == 2
+        ctl.step_done()
+    assert not ctl.policy.stock_refused
+    ctl.uninstall_hook()
+
+    class Masked(_ThroughF):
+        def forward(self, x):
+            q, k, v = self.proj(x).view(x.shape[0], 1, x.shape[1], 3, 16).unbind(3)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+
+    masked = Masked()
+    ctl = alam_dist.apply(masked, ALAMConfig(bits=8, min_numel=16))  # no plan: 8 bits
+    for mask, stock in ((torch.ones(7, 7, dtype=torch.bool).tril(), 0), (torch.zeros(7, 7), 1)):
+        masked.mask = mask
+        out = masked(torch.randn(2, 7, 16))
+        assert ctl.policy.stats.attention_stock == stock
+        assert ("ConsistentAttentionBackward" in _graph_names(out)) == (not stock)
+        out.sum().backward()
+        ctl.step_done()
+    assert not ctl.policy.stock_refused  # the float mask is the call's own, not a copy
     ctl.uninstall_hook()
 
 

@@ -69,7 +69,7 @@ class Format:
     def buffer_sizes(self, n: int) -> tuple[int, int]:
         """(payload bytes, metadata groups) for ``n`` elements, remembered: asked for
         every saved tensor of every step, with the same few sizes each time."""
-        return _buffer_sizes(self, n)
+        return _buffer_sizes(self.name, n)
 
     def meta_bytes(self, n: int) -> int:
         return self.num_groups(n) * 2 * self.meta_dtype.itemsize
@@ -83,7 +83,8 @@ class Format:
 
 
 @functools.lru_cache(maxsize=4096)
-def _buffer_sizes(fmt: Format, n: int) -> tuple[int, int]:
+def _buffer_sizes(name: str, n: int) -> tuple[int, int]:
+    fmt = REGISTRY[name]  # keyed by name: a str hashes once, a Format hashes its fields
     return fmt.payload_bytes(n), fmt.num_groups(n)
 
 

@@ -34,6 +34,8 @@ class ModuleKeys:
         self._stack: list[list] = []  # frames: [name, call index, next ordinal]
         self._calls: dict[str, int] = {}
         self._recompute_depth = 0  # nesting of module calls inside a checkpoint recompute
+        self.top: torch.nn.Module | None = None
+        """The module whose call began the running forward (a step may call several)."""
 
     def install(self) -> None:
         if self._handles:
@@ -102,6 +104,7 @@ class ModuleKeys:
                 self._recompute_depth += 1
                 return
             self._calls.clear()
+            self.top = module
             self._on_begin()
         name = self._names.get(id(module), "?")
         call = self._calls.get(name, 0)

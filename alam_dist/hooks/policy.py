@@ -115,8 +115,8 @@ class SavedTensorPolicy:
         self.model = model
         self.min_numel = min_numel
         self.formats = formats  # the codec family plan bits name
-        # "recompute": route F.scaled_dot_product_attention through alam_dist.attention
-        # during compressed and probe forwards
+        # "recompute" / "recompute_all": route F.scaled_dot_product_attention through
+        # alam_dist.attention during compressed and probe forwards (config.ATTENTION_PATHS)
         self.attention = attention
         # (kept, total) samples of a sliced probe forward: a tensor is "small" when the
         # training-size tensor would be, i.e. numel * total < min_numel * kept
@@ -152,13 +152,18 @@ class SavedTensorPolicy:
                       else None)
         self._hooks_ctx = None
         self._attention_ctx: contextlib.ExitStack | None = None
-        # whether this model calls torch's attention other than through
-        # F.scaled_dot_product_attention (None: not known until a routed forward ran)
-        self._attention_bypass: bool | None = None
-        self._bypass_watch: sdpa_routing.BypassWatch | None = None
+        # Whether this model calls torch's attention other than through
+        # F.scaled_dot_product_attention: found by a watch mode in the first forward of
+        # each top-level module (by id) and in probe forwards; once found, the mode stays.
+        self._attention_bypass = False
+        self._watched: set[int] = set()
+        self._bypass_watch: tuple[int, sdpa_routing.BypassWatch] | None = None
         # attention calls (by their query's key) where torch's kernel saved more than its
         # output and logsumexp: the rerun path for them (alam_dist.hooks.stock_attention)
         self.stock_refused: set[str] = set()
+        self.stock_kernel = attention == "recompute"
+        """Whether torch's kernel may run where q and k are planned at >= 8 bits (off for
+        "recompute_all", and under a memory target, whose forecast counts q, k, v only)."""
 
     # -- installation -------------------------------------------------------------------
     def install(self) -> None:
@@ -297,21 +302,29 @@ class SavedTensorPolicy:
                 self._route_attention()
 
     def _route_attention(self) -> None:
-        """Attention calls of this forward go to alam_dist.attention.consistent_sdpa: by
-        the routed F.scaled_dot_product_attention, free per torch call; plus, until this
-        model's first routed forward has shown whether its calls all come that way, a
-        mode that catches those that do not (and keeps doing so if some did)."""
+        """Attention calls of this forward go to alam_dist.attention.consistent_sdpa (or
+        torch's kernel, hooks.stock_attention): by the routed F.scaled_dot_product_attention,
+        free per torch call; plus a watch mode that catches calls not made through F in
+        the first forward of each top-level module and in probe forwards; once one was
+        found (or another library's function holds F's place), the mode for good."""
         stack = contextlib.ExitStack()
-        stack.enter_context(sdpa_routing.routing(
-            stock=self._stock_attention if self.attention == "recompute" else None))
-        if self._attention_bypass is None:
-            self._bypass_watch = stack.enter_context(sdpa_routing.BypassWatch())
-        elif self._attention_bypass:
+        through_f = stack.enter_context(sdpa_routing.routing(
+            stock=self._stock_attention if self.stock_kernel else None))
+        top = id(self.keys.top)
+        if not through_f or self._attention_bypass:
             stack.enter_context(sdpa_routing.ConsistentAttentionMode())
+        elif top not in self._watched or self.mode is not self.training:
+            self._bypass_watch = (top, stack.enter_context(sdpa_routing.BypassWatch()))
         self._attention_ctx = stack
 
-    def _stock_attention(self, query, key, value, args, kwargs):
-        return stock_attention.stock_saves(self, query, key, value, args, kwargs)
+    def _stock_attention(self, query, key, value, attn_mask, dropout_p, kwargs):
+        return stock_attention.stock_saves(self, query, key, value, attn_mask, dropout_p, kwargs)
+
+    def owns_top_hooks(self, top_pack) -> bool:
+        """Whether ``top_pack``, the innermost saved-tensor pack hook, is this policy's
+        (eager, or its graph-module hooks): otherwise a checkpoint's or the user's hooks
+        save what runs now."""
+        return top_pack == self.pack or (self.hooks is not None and top_pack is self.hooks.pack)
 
     def _compiled_model(self) -> bool:
         """Whether this forward may run compiled code. Dynamo cannot trace the attention
@@ -321,15 +334,17 @@ class SavedTensorPolicy:
                 or bool(compiled.compiled_modules(self.model)))
 
     def _routes_attention(self) -> bool:
-        return self.attention.startswith("recompute") and self.mode.routes_attention
+        return self.attention in ROUTED_PATHS and self.mode.routes_attention
 
     def _exit_context(self) -> None:
         self.stats.end_forward()
         if self._attention_ctx is not None:
             ctx, self._attention_ctx = self._attention_ctx, None
             ctx.__exit__(None, None, None)
-            if self._bypass_watch is not None:  # decided once, by the first routed forward
-                self._attention_bypass = self._bypass_watch.bypassed
+            if self._bypass_watch is not None:
+                top, watch = self._bypass_watch
+                self._watched.add(top)
+                self._attention_bypass |= watch.bypassed
                 self._bypass_watch = None
         if self._hooks_ctx is not None:
             ctx, self._hooks_ctx = self._hooks_ctx, None
@@ -473,6 +488,9 @@ class SavedTensorPolicy:
         if impl is None:
             impl = self._backends[packed.device] = backends.resolve(self.backend, packed.device)
         return codec.decode(packed, impl=impl)  # encoded here: trusted, not validated again
+
+
+ROUTED_PATHS = ("recompute", "recompute_all")  # the alam.attention values that route calls
 
 
 def _as_is(t: torch.Tensor) -> torch.Tensor:

@@ -48,19 +48,17 @@ def _fused_backends() -> frozenset:
 
 
 def stock_saves(policy: "SavedTensorPolicy", query: torch.Tensor, key: torch.Tensor,
-                value: torch.Tensor, args: tuple, kwargs: dict) -> "StockSaves | None":
-    """The saves context for torch's kernel on this call, or None (consistent path)."""
+                value: torch.Tensor, attn_mask, dropout_p: float,
+                kwargs: dict) -> "StockSaves | None":
+    """The saves context for torch's kernel on this call (its inputs already cast as
+    autocast would), or None: the consistent path. Cheapest checks first: most calls of
+    a low-bit plan stop at the plan's bits."""
     mode = policy.mode
     if mode is not policy.training or not isinstance(mode, Compress) or not policy.keys.in_forward:
         return None
-    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (query, key, value)):
-        return None
-    if not _policy_hooks_on_top(policy):
-        return None  # an activation checkpoint's (or the user's) hooks save this call
-    attn_mask, dropout_p, rest = sdpa_arguments(args, kwargs)
-    if dropout_p:
-        return None  # the consistent path replays the dropout mask without storing it
-    if _kernel_choice(query, key, value, attn_mask, dropout_p, rest) not in _fused_backends():
+    if dropout_p or (isinstance(attn_mask, torch.Tensor) and attn_mask.dtype == torch.bool):
+        # dropout: the rerun path replays the mask without storing it; a bool mask: the
+        # kernel would save a float copy of it
         return None
     ordinals = 4 if isinstance(attn_mask, torch.Tensor) else 3  # as save_for_backward would
     keys = policy.keys.peek(ordinals)
@@ -70,14 +68,24 @@ def stock_saves(policy: "SavedTensorPolicy", query: torch.Tensor, key: torch.Ten
         bits = mode.planned_bits(k)
         if bits is None or bits < STOCK_MIN_BITS:
             return None
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (query, key, value)):
+        return None
+    if not policy.owns_top_hooks(_top_pack()):
+        return None  # an activation checkpoint's (or the user's) hooks save this call
+    if _kernel_choice(query, key, value, attn_mask, dropout_p, kwargs) not in _fused_backends():
+        return None
     inputs = (query, key, value, attn_mask) if ordinals == 4 else (query, key, value)
     return StockSaves(policy, keys, inputs, ordinals)
 
 
-def _policy_hooks_on_top(policy: "SavedTensorPolicy") -> bool:
+def _top_pack():
+    """The innermost saved-tensor pack hook (None if none, or if torch cannot say)."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    hooks = top(False) if top is not None else None
-    return hooks is not None and hooks[0] == policy.pack
+    try:
+        hooks = top(False) if top is not None else None
+    except (TypeError, RuntimeError):
+        return None
+    return hooks[0] if hooks else None
 
 
 class StockSaves:
@@ -88,9 +96,11 @@ class StockSaves:
         self.policy, self.keys, self.inputs, self.ordinals = policy, keys, inputs, ordinals
         self._views = [(storage_ptr(t), t.storage_offset(), t.shape, t.stride()) for t in inputs]
         self._packed: dict[str, object] = {}
-        self.kept_bytes = 0
-        # what the kernel's own saves may hold: its output (q's size) and the logsumexp
-        self._expected = query_bytes(inputs[0]) * 3 // 2 + (1 << 16)
+        query, value = inputs[0], inputs[2]
+        # what the kernel may save of its own: its output, the logsumexp, RNG state
+        self._out_shape = (*query.shape[:-1], value.shape[-1])
+        self._small = 2 * query.numel() // max(1, query.shape[-1]) + 64
+        self.unexpected = False
 
     def __enter__(self) -> "StockSaves":
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.policy.unpack)
@@ -101,9 +111,11 @@ class StockSaves:
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
         self.policy.keys.skip(self.ordinals)
-        if self.kept_bytes > self._expected:
-            # the kernel saved more than its output and logsumexp (k, v expanded for
-            # grouped heads, say): the rerun path from the next step on, for this call
+        matched = sum(k in self._packed for k in self.keys[:3])
+        if self.unexpected or matched < len({id(t) for t in self.inputs[:3]}):
+            # the kernel saved something else, or copies instead of q, k, v (k and v
+            # expanded for grouped heads, a padded head size): the rerun path from the
+            # next step on, for this call
             self.policy.stock_refused.add(self.keys[0])
 
     def pack(self, t: torch.Tensor):
@@ -113,13 +125,9 @@ class StockSaves:
                 if saved is None:  # q is k (self-attention on one tensor): packed once
                     saved = self._packed[key] = self.policy.pack_as(key, t)
                 return saved
-        # the kernel's own: its output and logsumexp (and RNG state), kept as they are
-        nbytes = t.numel() * t.element_size()
-        self.kept_bytes += nbytes
+        if tuple(t.shape) != self._out_shape and t.numel() > self._small:
+            self.unexpected = True
+        # the kernel's own (output, logsumexp, RNG state), or the unexpected: kept as is
         self.policy.stats.skipped_other += 1
-        self.policy._count_kept(nbytes)
+        self.policy._count_kept(t.numel() * t.element_size())
         return t.detach()
-
-
-def query_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
