@@ -125,27 +125,39 @@ def test_apply_routes_hf_sdpa_attention_and_saves_only_q_k_v():
     assert "ConsistentAttentionBackward" not in _graph_names(F.scaled_dot_product_attention(q, q, q))
 
 
+class _ThroughF(torch.nn.Module):
+    """Attention through F's attribute, as Hugging Face calls it."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 48)
+
+    def qkv(self, x):
+        return self.proj(x).view(x.shape[0], 1, x.shape[1], 3, 16).unbind(3)
+
+    def forward(self, x):
+        return F.scaled_dot_product_attention(*self.qkv(x)).flatten(1, 2)
+
+
+class _Held(_ThroughF):
+    """Attention through torch's function object, held since import."""
+
+    sdpa = staticmethod(torch._C._nn.scaled_dot_product_attention)
+
+    def forward(self, x):
+        return self.sdpa(*self.qkv(x)).flatten(1, 2)
+
+
 def test_routing_needs_no_mode_after_the_first_forward_unless_a_call_bypasses_f():
     """HF's attention calls F.scaled_dot_product_attention: routed by the attribute, and
     from the second forward without the TorchFunctionMode that costs every torch call.
     A module holding torch's function itself is routed too, by the mode it keeps."""
     from torch.overrides import _get_current_function_mode_stack
-    held_sdpa = torch._C._nn.scaled_dot_product_attention  # as code that imported it early
-
-    class HeldAttention(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = torch.nn.Linear(16, 48)
-
-        def forward(self, x):
-            q, k, v = self.proj(x).view(x.shape[0], 1, x.shape[1], 3, 16).unbind(3)
-            return held_sdpa(q, k, v, is_causal=True).sum(1)
-
     x = token_batch(2, 24)
     held_x = torch.randn(3, 40, 16)  # 3 sequences: uneven against the LLaMA batch
     for model, forward, bypass in (
             (tiny_llama(seed=3), lambda m: m(input_ids=x, labels=x).loss, False),
-            (HeldAttention(), lambda m: m(held_x).square().mean(), True)):
+            (_Held(), lambda m: m(held_x).square().mean(), True)):
         ctl = alam_dist.apply(model, ALAMConfig(bits=4, probe="cheap"))
         ctl.probe(lambda: forward(model))
         modes = []  # modes active inside the forward (the probe's forward decided)
@@ -158,30 +170,8 @@ def test_routing_needs_no_mode_after_the_first_forward_unless_a_call_bypasses_f(
             loss.backward()
             ctl.step_done()
         assert modes == [int(bypass)] * 3, modes
-        assert F.scaled_dot_product_attention is held_sdpa  # torch's own between forwards
+        assert F.scaled_dot_product_attention is _Held.sdpa  # torch's own between forwards
         ctl.uninstall_hook()
-
-
-class _ThroughF(torch.nn.Module):
-    """Attention through F's attribute, as Hugging Face calls it."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Linear(16, 48)
-
-    def forward(self, x):
-        q, k, v = self.proj(x).view(x.shape[0], 1, x.shape[1], 3, 16).unbind(3)
-        return F.scaled_dot_product_attention(q, k, v).flatten(1, 2)
-
-
-class _Held(_ThroughF):
-    """Attention through torch's function object, held since import."""
-
-    sdpa = staticmethod(torch._C._nn.scaled_dot_product_attention)
-
-    def forward(self, x):
-        q, k, v = self.proj(x).view(x.shape[0], 1, x.shape[1], 3, 16).unbind(3)
-        return self.sdpa(q, k, v).flatten(1, 2)
 
 
 def test_each_top_level_module_is_watched_and_f_is_torchs_outside_forwards():
@@ -280,8 +270,7 @@ def test_torchs_kernel_under_autocast_and_not_with_a_bool_mask():
 
     class Masked(_ThroughF):
         def forward(self, x):
-            q, k, v = self.proj(x).view(x.shape[0], 1, x.shape[1], 3, 16).unbind(3)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+            return F.scaled_dot_product_attention(*self.qkv(x), attn_mask=self.mask)
 
     masked = Masked()
     ctl = alam_dist.apply(masked, ALAMConfig(bits=8, min_numel=16))  # no plan: 8 bits
